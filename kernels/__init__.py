@@ -1,0 +1,1 @@
+"""bigtrain fused-attention kernels (Triton)."""
