@@ -1,0 +1,125 @@
+"""Checkpoints: DeepSpeed's engine checkpoint plus bigtrain's trainer state, under output_dir/checkpoints/.
+
+Layout of one checkpoint, `checkpoints/step_00000100/`:
+- DeepSpeed's files (model states, ZeRO optimizer shards), written by `engine.save_checkpoint`;
+- `trainer_state.json`: step, samples and tokens seen (the data position), world size, ZeRO stage;
+- `rng_rank{R}.pt`: each rank's RNG states (torch, numpy, python), so dropout resumes exactly;
+- `hf/`: the model's config.json and the tokenizer, so `bigtrain export` needs nothing else.
+`checkpoints/latest` (DeepSpeed's pointer file) names the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from bigtrain.errors import UserError
+
+TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    tags = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(tags, key=lambda p: int(TAG_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    pointer = root / "latest"
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (root / tag / "trainer_state.json").is_file():
+            return root / tag
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
+    """A run's output_dir (-> its latest checkpoint) or one checkpoint directory."""
+    p = Path(path)
+    if (p / "trainer_state.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    if not p.exists():
+        raise UserError(f"{what}: {path} does not exist")
+    raise UserError(f"{what}: no bigtrain checkpoint in {path} (expected a run's output_dir or a checkpoints/step_N directory)")
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer_dir: Path, keep_last: int) -> Path:
+    """Save on every rank (DeepSpeed checkpoints are collective)."""
+    import torch
+    import torch.distributed as dist
+
+    tag = tag_for(state["step"])
+    engine.save_checkpoint(str(root), tag=tag, client_state={"bigtrain": state})
+    ckpt = root / tag
+    torch.save(_rng_state(), ckpt / f"rng_rank{rank}.pt")
+    if rank == 0:
+        hf = ckpt / "hf"
+        hf.mkdir(exist_ok=True)
+        hf_config.save_pretrained(str(hf))
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, hf / f.name)
+        # Written last: a checkpoint without trainer_state.json is never picked for resume.
+        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    dist.barrier()
+    if rank == 0:
+        prune(root, keep_last)
+    return ckpt
+
+
+def prune(root: Path, keep_last: int) -> None:
+    found = list_checkpoints(root)
+    for old in found[: max(0, len(found) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, ckpt: Path, rank: int) -> dict[str, Any]:
+    """Load engine weights, optimizer and scheduler, and this rank's RNG; returns the trainer state."""
+    import torch
+
+    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    if path is None:
+        raise UserError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt}")
+    rng = ckpt / f"rng_rank{rank}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    return read_state(ckpt)

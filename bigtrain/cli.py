@@ -1,0 +1,224 @@
+"""The `bigtrain` command line. Each verb parses its arguments, then calls one function.
+
+Bad input anywhere below ends as one line `error: ...` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from bigtrain.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error:` line (and exit 2), like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
+    config, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" not in item and i == 0:
+            config = item
+        elif "=" not in item:
+            raise UserError(f"unexpected argument '{item}': overrides look like key=value, and only the first argument may be a config file")
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
+def _config_help() -> str:
+    from bigtrain.config import config_keys_doc
+
+    lines = ["config keys (YAML or key=value; defaults shown):"]
+    lines += [f"  {k} = {v!r}" for k, v in config_keys_doc()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bigtrain", description="Train transformer language models on DeepSpeed.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    t = sub.add_parser(
+        "train", help="train a model (no arguments: the default small GPT on the Python standard library)",
+        description="Train a model. With no arguments, runs the default job: a ~3.5M-parameter GPT pretrained on the "
+        "Python standard library's source files with a BPE tokenizer trained on them.",
+        epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML config and/or dotted overrides")
+    t.add_argument("--nproc", type=int, help="start N local ranks through the deepspeed launcher")
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the latest checkpoint (auto) or from PATH")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+
+    e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    e.add_argument("src", metavar="RUN_DIR_OR_CHECKPOINT")
+    e.add_argument("out", metavar="OUT_DIR")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+
+    g = sub.add_parser("generate", help="sample text from an exported model")
+    g.add_argument("model_dir", metavar="MODEL_DIR")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40)
+    g.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("data", help="data tools")
+    dsub = d.add_subparsers(dest="data_verb", metavar="VERB", parser_class=_Parser)
+    dp = dsub.add_parser("prepare", help="tokenize and pack ahead of training (cached; ranks then load it at once)")
+    dp.add_argument("args", nargs="*", metavar="CONFIG [key=value]")
+
+    k = sub.add_parser("tokenizer", help="tokenizer tools")
+    ksub = k.add_subparsers(dest="tok_verb", metavar="VERB", parser_class=_Parser)
+    kt = ksub.add_parser("train", help="train a byte-level BPE tokenizer")
+    kt.add_argument("files", nargs="+", metavar="FILES")
+    kt.add_argument("--vocab-size", type=int, required=True)
+    kt.add_argument("--out", required=True, metavar="DIR")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_verb", metavar="VERB", parser_class=_Parser)
+    try:
+        from bigtrain.bench import attention as bench_attention
+
+        ba = bsub.add_parser("attention", help="fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG")
+        bench_attention.add_arguments(ba)
+        ba.set_defaults(bench_run=bench_attention.run)
+    except ImportError:
+        pass
+    return p
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from bigtrain.config import check_batch, load_config, where_of
+    from bigtrain.launch import relaunch, under_launcher
+
+    config, overrides = _split_config_args(ns.args)
+    cfg = load_config(config, overrides)
+    if ns.resume is not None and ns.resume != "auto" and not Path(ns.resume).exists():
+        raise UserError(f"--resume: {ns.resume} does not exist (use --resume auto or a checkpoint path)")
+    if ns.nproc is not None and not under_launcher():
+        if ns.nproc < 1:
+            raise UserError(f"--nproc must be >= 1, got {ns.nproc}")
+        # Check everything that can be checked before starting ranks, and tokenize once here.
+        from bigtrain.data import prepare
+        from bigtrain.engine import build_ds_config, setup_accelerator
+        from bigtrain.trainer import check_output_dir
+
+        on_cpu = setup_accelerator()
+        check_batch(cfg, ns.nproc, lambda key: where_of(cfg, key))
+        check_output_dir(cfg, ns.overwrite, ns.resume)
+        build_ds_config(cfg, ns.nproc, on_cpu)
+        prepare(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+        argv = ["train", *ns.args]
+        if ns.resume:
+            argv += ["--resume", ns.resume]
+        if ns.overwrite:
+            argv.append("--overwrite")
+        return relaunch(ns.nproc, argv)
+    from bigtrain.trainer import run_training
+
+    return run_training(cfg, ns.resume, ns.overwrite)
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from bigtrain.engine import setup_accelerator
+
+    setup_accelerator()
+    from bigtrain.export import export
+
+    out = export(ns.src, ns.out, overwrite=ns.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from bigtrain.engine import setup_accelerator
+    from bigtrain.generate import generate
+
+    setup_accelerator()
+    print(generate(ns.model_dir, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed))
+    return 0
+
+
+def cmd_data_prepare(ns: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+    from bigtrain.data import TokenBlocks, prepare
+    from bigtrain.engine import setup_accelerator
+
+    setup_accelerator()
+    config, overrides = _split_config_args(ns.args)
+    cfg = load_config(config, overrides)
+    prepared = prepare(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    meta = TokenBlocks(prepared.train_path).meta
+    print(f"tokenizer: {prepared.tokenizer_dir}")
+    print(f"train: {prepared.train_path} ({meta['examples']} examples, {meta['tokens']} tokens, {meta['documents']} documents)")
+    if prepared.valid_path:
+        print(f"valid: {prepared.valid_path}")
+    return 0
+
+
+def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
+    from bigtrain.data import check_sources, iter_document_texts, resolve_sources
+    from bigtrain.engine import setup_accelerator
+    from bigtrain.tokenizer import train_bpe
+
+    setup_accelerator()
+    if not 300 <= ns.vocab_size <= (1 << 22):
+        raise UserError(f"--vocab-size must be between 300 and {1 << 22}, got {ns.vocab_size}")
+    out = Path(ns.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} exists and is not empty")
+    sources = resolve_sources(ns.files, "FILES")
+    check_sources(sources, "FILES", "error", "text")
+    train_bpe(iter_document_texts(sources, "text", "error"), ns.vocab_size, out)
+    print(out)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        if ns.verb is None:
+            parser.print_help()
+            return 2
+        if ns.verb == "train":
+            return cmd_train(ns)
+        if ns.verb == "export":
+            return cmd_export(ns)
+        if ns.verb == "generate":
+            return cmd_generate(ns)
+        if ns.verb == "data":
+            if ns.data_verb != "prepare":
+                raise UserError("bigtrain data: expected a verb: prepare (see 'bigtrain data --help')")
+            return cmd_data_prepare(ns)
+        if ns.verb == "tokenizer":
+            if ns.tok_verb != "train":
+                raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")
+            return cmd_tokenizer_train(ns)
+        if ns.verb == "bench":
+            run = getattr(ns, "bench_run", None)
+            if run is None:
+                raise UserError("bigtrain bench: expected a verb (see 'bigtrain bench --help')")
+            return int(run(ns) or 0)
+        raise UserError(f"unknown verb {ns.verb}")
+    except UserError as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return UserError.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

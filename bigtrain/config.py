@@ -1,0 +1,469 @@
+"""Typed run configuration: YAML file + dotted `key=value` overrides, validated before anything runs.
+
+The whole configuration is one tree of dataclasses (`Config`). A YAML file and command-line
+overrides are merged into a plain dict, every key is checked against the dataclass fields
+(unknown keys get a "did you mean" suggestion), every value against the field's type, and
+cross-field rules (batch arithmetic, precision) are checked last. Every error names where the
+value came from: `file.yaml:LINE (key)` or `override key=value`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from bigtrain.errors import UserError
+
+TASKS = ("clm",)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OFFLOAD = ("none", "cpu", "nvme")
+ATTN = ("auto", "bigtrain_triton", "sdpa", "eager")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    # Overrides of the architecture (any field of the transformers config class), e.g. n_layer.
+    config: dict = field(default_factory=dict)
+    # A local Hugging Face model directory to start from (never a hub name: bigtrain works offline).
+    from_pretrained: Optional[str] = None
+    # auto: bigtrain_triton on CUDA, sdpa on CPU.
+    attn_implementation: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # Files, directories or globs of .txt/.py/.md (text), .jsonl (a `text` field), or a
+    # `datasets` directory saved with save_to_disk. "@stdlib" is the Python standard library's
+    # own source files: the corpus of the default job.
+    train_files: list = field(default_factory=lambda: ["@stdlib"])
+    valid_files: Optional[list] = None
+    # Fraction of training documents held out for validation when valid_files is absent.
+    valid_fraction: float = 0.005
+    # A local tokenizer directory; absent: a byte-level BPE is trained on train_files.
+    tokenizer: Optional[str] = None
+    vocab_size: int = 8192
+    seq_len: int = 256
+    # packed: documents concatenated with EOS and cut into seq_len blocks (document ids kept);
+    # line_by_line: each non-empty line is one example, truncated and padded.
+    mode: str = "packed"
+    # What one document is in a text file: the whole file, a paragraph or a line.
+    sample_by: str = "document"
+    text_field: str = "text"
+    on_decode_error: str = "error"
+    # Worker processes for tokenization (None: all cores).
+    num_proc: Optional[int] = None
+    # Where tokenized, packed datasets are cached (None: $BIGTRAIN_CACHE or ~/.cache/bigtrain).
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    # Optional check: must equal micro_batch_size * grad_accum * data-parallel world size.
+    global_batch_size: Optional[int] = None
+    max_steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 100
+    keep_last: int = 2
+    progress: bool = True
+    # Print a short generated sample at the end (clm).
+    sample_prompt: str = "def "
+    sample_tokens: int = 48
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "auto"
+    offload_optimizer: str = "none"
+    offload_param: str = "none"
+    nvme_path: str = "/tmp/bigtrain_nvme"
+    activation_checkpointing: bool = False
+    # A user's whole ds_config (a JSON file path or an inline mapping), merged over bigtrain's.
+    config: Union[str, dict, None] = None
+    # Collective timeout, so a lost rank never hangs the job forever.
+    timeout_minutes: int = 30
+
+
+@dataclass
+class Config:
+    task: str = "clm"
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _yaml_locations(text: str, path: str) -> dict[str, str]:
+    """Map each dotted key in a YAML document to 'path:line' (1-based), for error messages."""
+    locations: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = f"{prefix}{key_node.value}"
+                locations[key] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, key + ".")
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return locations
+    if root is not None:
+        walk(root, "")
+    return locations
+
+
+def load_yaml(path: str) -> tuple[dict, dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 at byte {e.start}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}:1: the config must be a mapping of keys, not {type(data).__name__}")
+    return data, _yaml_locations(text, path)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{item}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise UserError(f"{where}: '{part}' is not a section, cannot set '{key}'")
+        node = nxt
+    node[parts[-1]] = value
+
+
+# Fields whose value is a free-form mapping: keys below them are not checked here.
+_FREE_FORM = {"model.config", "deepspeed.config"}
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
+            keys.extend(_all_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, name + "."))
+    return keys
+
+
+_SECTIONS = {
+    "ModelConfig": ModelConfig,
+    "DataConfig": DataConfig,
+    "TrainConfig": TrainConfig,
+    "DeepSpeedConfig": DeepSpeedConfig,
+}
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(Config), n=1, cutoff=0.6)
+    if not close:
+        # Also try the last component alone (e.g. 'lr' -> 'train.lr').
+        last = key.split(".")[-1]
+        by_last = [k for k in _all_keys(Config) if k.split(".")[-1] == last]
+        close = by_last[:1] or difflib.get_close_matches(
+            last, [k.split(".")[-1] for k in _all_keys(Config)], n=1, cutoff=0.75
+        )
+        if close and "." not in close[0]:
+            close = [k for k in _all_keys(Config) if k.endswith("." + close[0]) or k == close[0]][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check `value` against the annotated type `tp`; return it (ints widened to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except UserError as e:
+                errors.append(e)
+        expected = " or ".join(_type_name(a) for a in args)
+        raise UserError(f"{where}: '{key}' must be {expected}, got {type(value).__name__} {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+            if not math.isfinite(v):
+                raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+            return v
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise UserError(f"{where}: '{key}' must be a path or a list of paths, got {value!r}")
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:  # pragma: no cover - every field type is listed above
+        return value
+    raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, raw: dict, prefix: str, where_of) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in known:
+            raise UserError(f"{where_of(dotted)}: unknown config key '{dotted}'{_suggest(dotted)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"{where_of(dotted)}: '{dotted}' is a section and needs a mapping of keys, got {value!r}")
+            kwargs[key] = _build(tp, value, dotted + ".", where_of)
+        else:
+            kwargs[key] = _coerce(value, tp, dotted, where_of(dotted))
+    return cls(**kwargs)
+
+
+def _check_choice(value: Any, choices: tuple, key: str, where_of) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"{where_of(key)}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+
+
+def _check_range(value: float, key: str, where_of, lo=None, hi=None, lo_open=False) -> None:
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        if lo is not None and hi is not None:
+            rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
+        elif lo is not None:
+            rng = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            rng = f"<= {hi}"
+        raise UserError(f"{where_of(key)}: '{key}' must be {rng}, got {value!r}")
+
+
+def load_user_ds_config(value: Union[str, dict, None], where: str) -> dict:
+    """The user's own ds_config: a JSON file or an inline mapping."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    p = Path(value)
+    if not p.is_file():
+        raise UserError(f"{where}: deepspeed.config file not found: {value}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{value}:{e.lineno}: invalid JSON in deepspeed.config: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{value}: not valid UTF-8 at byte {e.start}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{value}:1: deepspeed.config must hold a JSON object")
+    return data
+
+
+def validate(cfg: Config, where_of) -> None:
+    """Cross-field and range rules. Batch rules that need the world size live in `check_batch`."""
+    _check_choice(cfg.task, TASKS, "task", where_of)
+    _check_choice(cfg.model.attn_implementation, ATTN, "model.attn_implementation", where_of)
+    _check_choice(cfg.data.mode, ("packed", "line_by_line"), "data.mode", where_of)
+    _check_choice(cfg.data.sample_by, ("document", "paragraph", "line"), "data.sample_by", where_of)
+    _check_choice(cfg.data.on_decode_error, ("error", "replace"), "data.on_decode_error", where_of)
+    _check_choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where_of)
+    _check_choice(cfg.deepspeed.precision, PRECISIONS, "deepspeed.precision", where_of)
+    _check_choice(cfg.deepspeed.offload_optimizer, OFFLOAD, "deepspeed.offload_optimizer", where_of)
+    _check_choice(cfg.deepspeed.offload_param, OFFLOAD, "deepspeed.offload_param", where_of)
+    d, t = cfg.data, cfg.train
+    _check_range(d.seq_len, "data.seq_len", where_of, lo=2, hi=1 << 20)
+    _check_range(d.vocab_size, "data.vocab_size", where_of, lo=300, hi=1 << 22)
+    _check_range(d.valid_fraction, "data.valid_fraction", where_of, lo=0.0, hi=0.5)
+    if d.num_proc is not None:
+        _check_range(d.num_proc, "data.num_proc", where_of, lo=1, hi=1024)
+    if not d.train_files:
+        raise UserError(f"{where_of('data.train_files')}: 'data.train_files' is empty: give at least one file, directory or glob")
+    for key in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last"):
+        _check_range(getattr(t, key), f"train.{key}", where_of, lo=1, hi=1 << 40)
+    _check_range(t.warmup_steps, "train.warmup_steps", where_of, lo=0, hi=1 << 40)
+    _check_range(t.sample_tokens, "train.sample_tokens", where_of, lo=0, hi=1 << 20)
+    _check_range(t.seed, "train.seed", where_of, lo=0, hi=2**32 - 1)
+    _check_range(t.lr, "train.lr", where_of, lo=0.0, hi=10.0, lo_open=True)
+    _check_range(t.min_lr_ratio, "train.min_lr_ratio", where_of, lo=0.0, hi=1.0)
+    _check_range(t.weight_decay, "train.weight_decay", where_of, lo=0.0, hi=10.0)
+    _check_range(t.beta1, "train.beta1", where_of, lo=0.0, hi=1.0)
+    _check_range(t.beta2, "train.beta2", where_of, lo=0.0, hi=1.0)
+    _check_range(t.grad_clip, "train.grad_clip", where_of, lo=0.0, hi=1e9)
+    _check_range(cfg.deepspeed.timeout_minutes, "deepspeed.timeout_minutes", where_of, lo=1, hi=10080)
+    if t.global_batch_size is not None:
+        _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
+    ds = cfg.deepspeed
+    if ds.offload_param != "none" and ds.zero_stage != 3:
+        raise UserError(f"{where_of('deepspeed.offload_param')}: 'deepspeed.offload_param={ds.offload_param}' needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        raise UserError(f"{where_of('deepspeed.offload_optimizer')}: 'deepspeed.offload_optimizer={ds.offload_optimizer}' needs deepspeed.zero_stage >= 1")
+    user = load_user_ds_config(ds.config, where_of("deepspeed.config"))
+    fp16_on = bool((user.get("fp16") or {}).get("enabled")) if isinstance(user.get("fp16"), dict) else False
+    bf16_on = bool((user.get("bf16") or {}).get("enabled")) if isinstance(user.get("bf16"), dict) else False
+    if fp16_on and bf16_on:
+        raise UserError(f"{where_of('deepspeed.config')}: deepspeed.config enables both fp16 and bf16; choose one (deepspeed.precision)")
+    if (fp16_on and ds.precision == "bf16") or (bf16_on and ds.precision == "fp16"):
+        other = "fp16" if fp16_on else "bf16"
+        raise UserError(f"{where_of('deepspeed.precision')}: deepspeed.precision={ds.precision} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
+    if not str(cfg.output_dir).strip():
+        raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
+
+
+def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
+    """Batch-size arithmetic. Returns the global batch size (samples per optimizer step)."""
+    where_of = where_of or (lambda key: "config")
+    t = cfg.train
+    per_step = t.micro_batch_size * t.grad_accum
+    global_batch = per_step * world_size
+    if t.global_batch_size is not None and t.global_batch_size != global_batch:
+        hint = ""
+        if t.global_batch_size % (t.micro_batch_size * world_size) == 0:
+            hint = f"; with micro_batch_size={t.micro_batch_size} on {world_size} rank(s) use train.grad_accum={t.global_batch_size // (t.micro_batch_size * world_size)}"
+        raise UserError(
+            f"{where_of('train.global_batch_size')}: train.global_batch_size={t.global_batch_size} does not divide into "
+            f"micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum} x world_size={world_size} = {global_batch}{hint}"
+        )
+    user = load_user_ds_config(cfg.deepspeed.config, where_of("deepspeed.config"))
+    for key, ours in (("train_micro_batch_size_per_gpu", t.micro_batch_size), ("gradient_accumulation_steps", t.grad_accum), ("train_batch_size", global_batch)):
+        theirs = user.get(key)
+        if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs != ours:
+            raise UserError(
+                f"{where_of('deepspeed.config')}: deepspeed.config sets {key}={theirs} but the train.* keys give {ours} "
+                f"(micro_batch_size={t.micro_batch_size}, grad_accum={t.grad_accum}, world_size={world_size})"
+            )
+    return global_batch
+
+
+def load_config(path: Optional[str], overrides: list[str]) -> Config:
+    """Merge a YAML file and `key=value` overrides into a validated `Config`."""
+    raw: dict = {}
+    locations: dict[str, str] = {}
+    if path:
+        raw, locations = load_yaml(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        where = f"override {item}"
+        locations[key] = where
+        # A dotted override below a section clears any YAML location of its parents' children.
+        _set_dotted(raw, key, value, where)
+
+    def where_of(key: str) -> str:
+        k = key
+        while k:
+            if k in locations:
+                return locations[k]
+            k = k.rpartition(".")[0]
+        return path or "defaults"
+
+    cfg = _build(Config, raw, "", where_of)
+    validate(cfg, where_of)
+    cfg._where_of = where_of  # type: ignore[attr-defined]
+    return cfg
+
+
+def where_of(cfg: Config, key: str) -> str:
+    fn = getattr(cfg, "_where_of", None)
+    return fn(key) if fn else "config"
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_keys_doc() -> list[tuple[str, Any]]:
+    """All keys with their defaults (for `bigtrain train --help` and the README)."""
+    out = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, prefix + f.name + ".")
+            else:
+                out.append((prefix + f.name, v))
+
+    walk(Config(), "")
+    return out
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.data.cache_dir or os.environ.get("BIGTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bigtrain")
+    return Path(root)

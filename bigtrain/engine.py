@@ -1,0 +1,199 @@
+"""DeepSpeed: the distributed environment, the ds_config, and `deepspeed.initialize`.
+
+The ds_config is a template from ds_configs/ (zero{stage}.json, with "auto" placeholders in the
+style of transformers' DeepSpeed integration), filled from bigtrain's keys, then the user's own
+`deepspeed.config` merged over it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from importlib import resources
+from typing import Any
+
+from bigtrain.config import Config, check_batch, load_user_ds_config, where_of
+from bigtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def setup_accelerator() -> bool:
+    """Choose DeepSpeed's accelerator before deepspeed is imported. Returns True when on CPU."""
+    on_cpu = not has_cuda()
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # bigtrain works offline: never let transformers or datasets reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return on_cpu
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> DistEnv:
+    """Rank, local rank and world size from deepspeed/torchrun (RANK...) or srun (SLURM_*)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
+    else:
+        rank, world, local = 0, 1, 0
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+    if world == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(free_port()))
+    elif "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+        raise UserError("MASTER_ADDR and MASTER_PORT must be set for a multi-rank run (the deepspeed/torchrun launchers and bigtrain's SLURM templates set them)")
+    return DistEnv(rank, local, world)
+
+
+def init_distributed(on_cpu: bool, timeout_minutes: int) -> None:
+    import deepspeed
+    import torch
+
+    if not on_cpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=timeout_minutes))
+
+
+def resolve_precision(cfg: Config, on_cpu: bool) -> str:
+    p = cfg.deepspeed.precision
+    user = load_user_ds_config(cfg.deepspeed.config, where_of(cfg, "deepspeed.config"))
+    if p == "auto":
+        if isinstance(user.get("fp16"), dict) and user["fp16"].get("enabled") is True:
+            p = "fp16"
+        elif isinstance(user.get("bf16"), dict) and user["bf16"].get("enabled") is True:
+            p = "bf16"
+        elif on_cpu:
+            p = "fp32"
+        else:
+            import torch
+
+            p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if p == "fp16" and on_cpu:
+        raise UserError(f"{where_of(cfg, 'deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
+    return p
+
+
+def load_template(stage: int) -> dict:
+    text = resources.files("bigtrain.ds_configs").joinpath(f"zero{stage}.json").read_text()
+    return json.loads(text)
+
+
+def _fill(node: Any, values: dict, path: str = "") -> Any:
+    """Replace every "auto" in the template by values[dotted path]."""
+    if isinstance(node, dict):
+        return {k: _fill(v, values, f"{path}.{k}" if path else k) for k, v in node.items()}
+    if node == "auto":
+        if path not in values:
+            raise KeyError(f"no value for 'auto' at {path}")
+        return values[path]
+    return node
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
+    """The full DeepSpeed JSON for this run."""
+    t, ds = cfg.train, cfg.deepspeed
+    global_batch = check_batch(cfg, world_size, lambda k: where_of(cfg, k))
+    precision = resolve_precision(cfg, on_cpu)
+    values = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": global_batch,
+        "gradient_clipping": t.grad_clip,
+        "optimizer.params.lr": t.lr,
+        "optimizer.params.betas": [t.beta1, t.beta2],
+        "optimizer.params.weight_decay": t.weight_decay,
+        "scheduler.params.total_num_steps": t.max_steps,
+        "scheduler.params.warmup_num_steps": min(t.warmup_steps, max(t.max_steps - 1, 0)),
+        "scheduler.params.cos_min_ratio": t.min_lr_ratio,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+        # ZeRO-3 bucket sizes (DeepSpeed's defaults; tune in deepspeed.config for very large models).
+        "zero_optimization.reduce_bucket_size": 5e8,
+        "zero_optimization.stage3_prefetch_bucket_size": 5e7,
+        "zero_optimization.stage3_param_persistence_threshold": 1e5,
+    }
+    conf = _fill(load_template(ds.zero_stage), values)
+    zo = conf["zero_optimization"]
+    for kind, key in (("optimizer", ds.offload_optimizer), ("param", ds.offload_param)):
+        if key != "none":
+            entry: dict[str, Any] = {"device": key, "pin_memory": not on_cpu}
+            if key == "nvme":
+                entry["nvme_path"] = ds.nvme_path
+            zo[f"offload_{kind}"] = entry
+    if on_cpu and ds.offload_optimizer == "none":
+        # On CPU, DeepSpeed's FusedAdam is a JIT-compiled op; torch's AdamW is the same math.
+        conf["optimizer"]["params"]["torch_adam"] = True
+    user = load_user_ds_config(ds.config, where_of(cfg, "deepspeed.config"))
+    conf = deep_merge(conf, user)
+    if conf.get("fp16", {}).get("enabled") is True and conf.get("bf16", {}).get("enabled") is True:
+        raise UserError(f"{where_of(cfg, 'deepspeed.config')}: fp16 and bf16 are both enabled; choose one with deepspeed.precision")
+    return conf
+
+
+def precision_of(ds_config: dict) -> str:
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return "bf16"
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return "fp16"
+    return "fp32"
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalization weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def initialize(model, ds_config: dict, weight_decay: float):
+    """`deepspeed.initialize` with bigtrain's parameter groups; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    return engine

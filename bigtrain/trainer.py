@@ -1,0 +1,343 @@
+"""The Trainer: every component built in one place from the typed config, then one readable loop.
+
+Components, in the order they are built (`Trainer.__init__`):
+  env         rank / local rank / world size (deepspeed, torchrun or srun), gloo on CPU
+  ds_config   DeepSpeed JSON: template + bigtrain keys + the user's own config
+  data        tokenizer + packed, cached, memory-mapped blocks (rank 0 prepares, others wait)
+  model       transformers model from a preset or a local directory
+  engine      deepspeed.initialize: ZeRO, precision, AdamW, warmup + cosine LR, clipping
+  schedule    which samples each rank sees at each step (seeded, resumable to the sample)
+  metrics     metrics.jsonl + TensorBoard on rank 0
+The loop (`Trainer.train`) follows one batch: prefetched from the memory-mapped blocks, moved to
+the device, forward, backward and step through the DeepSpeed engine, with logging, evaluation and
+checkpoints every N steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from bigtrain import checkpoint as ckpt_io
+from bigtrain.config import Config, dump_yaml, where_of
+from bigtrain.data import BatchSchedule, Prefetcher, TokenBlocks, prepare, split_indices, to_model_batch
+from bigtrain.engine import build_ds_config, dist_env, init_distributed, initialize, precision_of, setup_accelerator
+from bigtrain.errors import UserError
+from bigtrain.metrics import MetricsWriter, plot_loss_curve
+from bigtrain.models import count_parameters, load_pretrained_config, position_limit, preset_config
+
+RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
+
+
+def check_output_dir(cfg: Config, overwrite: bool, resume: Optional[str]) -> None:
+    """Refuse to write into a directory that holds another run, unless told to."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{where_of(cfg, 'output_dir')}: output_dir {out} exists and is not a directory")
+    if out.is_dir():
+        held = [m for m in RUN_MARKERS if (out / m).exists()]
+        if held and not overwrite and not resume:
+            raise UserError(
+                f"{where_of(cfg, 'output_dir')}: output_dir {out} holds another run ({', '.join(held)}); "
+                "pass --resume auto to continue it or --overwrite to replace it"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".bigtrain-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{where_of(cfg, 'output_dir')}: output_dir {out} is not writable: {e.strerror or e}") from None
+
+
+def log0(rank: int, *args) -> None:
+    if rank == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> None:
+        self.cfg = cfg
+        self.on_cpu = setup_accelerator()
+        import torch
+        import torch.distributed as dist
+
+        self.env = dist_env()
+        rank = self.env.rank
+        self.output_dir = Path(cfg.output_dir)
+        if rank == 0:
+            check_output_dir(cfg, overwrite, resume)
+        self.ds_config = build_ds_config(cfg, self.env.world_size, self.on_cpu)
+        self.precision = precision_of(self.ds_config)
+        self.global_batch = self.ds_config["train_batch_size"]
+        init_distributed(self.on_cpu, cfg.deepspeed.timeout_minutes)
+        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", self.env.local_rank)
+
+        # Checkpoint to resume from (decided before anything is overwritten).
+        self.resume_from: Optional[Path] = None
+        if resume == "auto":
+            self.resume_from = ckpt_io.latest_checkpoint(self.output_dir / "checkpoints")
+        elif resume:
+            self.resume_from = ckpt_io.resolve_checkpoint(resume)
+        if rank == 0 and overwrite and self.resume_from is None:
+            for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json"):
+                p = self.output_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+        # Data: rank 0 tokenizes and packs (cached); the others then load the cache.
+        if rank == 0:
+            self.prepared = prepare(cfg, log=lambda *a: log0(rank, *a))
+        dist.barrier()
+        if rank != 0:
+            self.prepared = prepare(cfg, log=lambda *a: None)
+        from bigtrain.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.prepared.tokenizer_dir)
+        self.train_blocks = TokenBlocks(self.prepared.train_path)
+        self.valid_blocks = TokenBlocks(self.prepared.valid_path) if self.prepared.valid_path else self.train_blocks
+        train_idx, valid_idx = split_indices(len(self.train_blocks), cfg.data.valid_fraction, cfg.train.seed, self.prepared.valid_path is not None)
+        if self.prepared.valid_path is not None:
+            valid_idx = split_indices(len(self.valid_blocks), 0, 0, True)[0]
+        self.valid_indices = valid_idx
+
+        # Model.
+        self.hf_config = self._model_config()
+        torch.manual_seed(cfg.train.seed)
+        self.model = self._build_model()
+        self.n_params = count_parameters(self.model)
+
+        # Engine: DeepSpeed owns optimizer, LR schedule, precision, ZeRO and clipping.
+        self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay)
+
+        self.schedule = BatchSchedule(train_idx, self.global_batch, cfg.train.micro_batch_size, self.env.world_size, rank, cfg.train.seed)
+        self.step, self.samples_seen = 0, 0
+        if self.resume_from is not None:
+            state = ckpt_io.load(self.engine, self.resume_from, rank)
+            self.step, self.samples_seen = state["step"], state["samples_seen"]
+            if state.get("global_batch") != self.global_batch:
+                raise UserError(
+                    f"--resume: checkpoint {self.resume_from} was trained with global batch {state.get('global_batch')}, "
+                    f"this run has {self.global_batch}; keep micro_batch_size x grad_accum x world_size the same"
+                )
+            log0(rank, f"resumed from {self.resume_from} at step {self.step} ({self.samples_seen} samples seen)")
+        self.metrics = MetricsWriter(self.output_dir, rank == 0, resume_step=self.step if self.resume_from else None)
+        if rank == 0:
+            (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
+            (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
+        log0(
+            rank,
+            f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self.n_params / 1e6:.2f}M parameters), "
+            f"world size {self.env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
+            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {len(train_idx)} training blocks",
+        )
+
+    # ------------------------------------------------------------------ components
+
+    def _model_config(self):
+        cfg = self.cfg
+        vocab = len(self.tokenizer)
+        if cfg.model.from_pretrained:
+            hf = load_pretrained_config(cfg.model.from_pretrained)
+            from bigtrain.models import apply_overrides
+
+            apply_overrides(hf, cfg.model.config)
+        else:
+            # Round the vocabulary up to a multiple of 64: faster matmuls, same model.
+            tok = self.tokenizer
+            ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+            hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((vocab + 63) // 64) * 64, where=where_of(cfg, "model.preset"), special_ids=ids)
+        if hf.vocab_size < vocab:
+            raise UserError(f"{where_of(cfg, 'model.config')}: the tokenizer has {vocab} tokens but the model's embedding holds {hf.vocab_size} (model.config.vocab_size)")
+        limit = position_limit(hf)
+        if limit is not None and cfg.data.seq_len > limit:
+            raise UserError(f"{where_of(cfg, 'data.seq_len')}: data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
+        hf.use_cache = False
+        hf.eos_token_id = self.tokenizer.eos_token_id
+        hf.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+        hf.pad_token_id = self.tokenizer.pad_token_id
+        return hf
+
+    def _attn_implementation(self) -> str:
+        choice = self.cfg.model.attn_implementation
+        if choice == "auto":
+            return "sdpa" if self.on_cpu else "bigtrain_triton"
+        return choice
+
+    def _build_model(self):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        attn = self._attn_implementation()
+        if attn == "bigtrain_triton":
+            import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
+        stage3 = self.ds_config["zero_optimization"]["stage"] == 3
+        # Under ZeRO-3 parameters are partitioned as they are created, never whole on one rank.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=stage3):
+            if self.cfg.model.from_pretrained:
+                model = AutoModelForCausalLM.from_pretrained(self.cfg.model.from_pretrained, config=self.hf_config, attn_implementation=attn)
+                if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
+                    model.resize_token_embeddings(len(self.tokenizer))
+            else:
+                model = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation=attn)
+        if self.cfg.deepspeed.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    # ------------------------------------------------------------------ the loop
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _forward(self, batch: dict):
+        # Packed documents: segment ids are kept for per-document attention masking.
+        segment_ids = batch.pop("segment_ids", None)
+        if segment_ids is not None and self._attn_implementation() == "bigtrain_triton":
+            from bigtrain.kernels import segment_ids_context
+
+            with segment_ids_context(segment_ids):
+                return self.engine(**batch).loss
+        return self.engine(**batch).loss
+
+    def train(self) -> dict:
+        import torch
+        import torch.distributed as dist
+
+        cfg, t = self.cfg, self.cfg.train
+        rank = self.env.rank
+        tokens_per_step = self.global_batch * cfg.data.seq_len
+        loader = Prefetcher(self.train_blocks, self.schedule, self.samples_seen, self.tokenizer.pad_token_id, pin=not self.on_cpu)
+        bar = None
+        if rank == 0 and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        pending: list = []  # per-step losses on the device, read back only at log time
+        last_log_time, last_log_step = time.perf_counter(), self.step
+        self.engine.train()
+        last_eval = None
+        try:
+            while self.step < t.max_steps:
+                micro_batches = loader.next()
+                step_loss = torch.zeros((), device=self.device)
+                for batch in micro_batches:
+                    loss = self._forward(self._to_device(batch))
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    step_loss += loss.detach().float()
+                self.step += 1
+                self.samples_seen += self.global_batch
+                pending.append(step_loss / len(micro_batches))
+                if bar is not None:
+                    bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    # One collective for all steps since the last log: no per-step host sync.
+                    losses = torch.stack(pending)
+                    dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+                    losses = (losses / self.env.world_size).tolist()
+                    now = time.perf_counter()
+                    tok_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
+                    lr = self.engine.get_lr()[0]
+                    first = self.step - len(losses) + 1
+                    for i, value in enumerate(losses):
+                        if t.log_every == 1 or i == len(losses) - 1:
+                            value = value if t.log_every == 1 else sum(losses) / len(losses)
+                            self.metrics.write({"step": first + i, "loss": value, "lr": lr, "tokens_per_s": tok_s, "tokens": self.samples_seen * cfg.data.seq_len})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                    pending.clear()
+                    last_log_time, last_log_step = now, self.step
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    last_eval = self.evaluate()
+                if self.step % t.save_every == 0 or self.step == t.max_steps:
+                    self.save()
+        finally:
+            loader.close()
+            if bar is not None:
+                bar.close()
+        return last_eval or {}
+
+    @property
+    def state(self) -> dict:
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
+            "global_batch": self.global_batch,
+            "world_size": self.env.world_size,
+            "zero_stage": self.ds_config["zero_optimization"]["stage"],
+            "precision": self.precision,
+            "seed": self.cfg.train.seed,
+        }
+
+    def save(self) -> Path:
+        return ckpt_io.save(
+            self.engine, self.output_dir / "checkpoints", self.state, self.env.rank, self.hf_config, self.prepared.tokenizer_dir, self.cfg.train.keep_last
+        )
+
+    def evaluate(self) -> dict:
+        """Mean next-token loss over the validation blocks (same number of batches on every rank)."""
+        import numpy as np
+        import torch
+        import torch.distributed as dist
+
+        if len(self.valid_indices) == 0:
+            return {}
+        micro, world, rank = self.cfg.train.micro_batch_size, self.env.world_size, self.env.rank
+        n_batches = max(1, min(self.cfg.train.eval_batches, math.ceil(len(self.valid_indices) / (micro * world))))
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(n_batches):
+                pos = (b * world + rank) * micro + np.arange(micro)
+                idx = self.valid_indices[pos % len(self.valid_indices)]
+                batch = self._to_device(to_model_batch(self.valid_blocks.take(idx), self.tokenizer.pad_token_id))
+                n_targets = (batch["labels"][:, 1:] != -100).sum()
+                loss = self._forward(batch)
+                totals[0] += loss.double() * n_targets
+                totals[1] += n_targets
+        self.engine.train()
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        eval_loss = (totals[0] / totals[1]).item()
+        record = {"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700))}
+        self.metrics.write(record)
+        log0(rank, f"step {self.step}: validation loss {eval_loss:.4f}, perplexity {record['eval_ppl']:.2f}")
+        return record
+
+    def finish(self, sample: bool = True) -> Optional[Path]:
+        """Rank 0: export the final model, plot the loss curve, print a sample."""
+        import torch.distributed as dist
+
+        self.metrics.close()
+        model_dir = None
+        if self.env.rank == 0:
+            from bigtrain.export import export
+
+            model_dir = export(self.output_dir / "checkpoints", self.output_dir / "model", overwrite=True)
+            png = plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
+            log0(0, f"model: {model_dir}")
+            if png:
+                log0(0, f"loss curve: {png}")
+            if sample and self.cfg.train.sample_tokens > 0:
+                from bigtrain.generate import generate
+
+                text = generate(model_dir, self.cfg.train.sample_prompt, max_new_tokens=self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed)
+                log0(0, "sample:\n" + text)
+        dist.barrier()
+        return model_dir
+
+
+def run_training(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
+    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+    if trainer.step >= cfg.train.max_steps:
+        log0(trainer.env.rank, f"nothing to do: the checkpoint is at step {trainer.step} >= train.max_steps={cfg.train.max_steps}")
+    result = trainer.train()
+    if result:
+        log0(trainer.env.rank, f"final validation loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+    trainer.finish()
+    return 0
