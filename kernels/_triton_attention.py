@@ -510,7 +510,7 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 
 # Under the interpreter one small fixed tile: autotuning there is pointless and slow.
-INTERPRET_BLOCK_M = 32
+INTERPRET_BLOCK_M = 64
 INTERPRET_BLOCK_N = 32
 
 

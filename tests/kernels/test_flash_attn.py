@@ -223,3 +223,16 @@ def test_gpu_backward_is_deterministic():
 def test_gpu_dropout_bf16_statistics():
     keep = flash_attn_dropout_mask(4, 16, 1024, 1024, 0.1, seed=99, device="cuda")
     assert abs(keep.float().mean().item() - 0.9) < 1e-3
+
+
+@pytest.mark.skipif(CUDA, reason="tile shapes are chosen by the autotuner on GPU")
+@pytest.mark.parametrize("bm,bn", [(16, 64), (64, 16), (32, 32)])
+def test_tile_shapes(monkeypatch, bm, bn):
+    # The GPU autotuner picks among several (BLOCK_M, BLOCK_N); the causal-diagonal split and
+    # the boundary handling must be right for each, including BLOCK_M != BLOCK_N.
+    from bigtrain.kernels import _triton_attention as ta
+
+    monkeypatch.setattr(ta, "INTERPRET_BLOCK_M", bm)
+    monkeypatch.setattr(ta, "INTERPRET_BLOCK_N", bn)
+    check(1, 2, 1, 45, 77, 16, True, F32, "pad")
+    check(1, 2, 2, 77, 77, 16, True, F32, "segpad")
