@@ -46,6 +46,7 @@ The backward regenerates the same numbers from the same seed.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -59,8 +60,6 @@ def _interpreting() -> bool:
 
         return bool(knobs.runtime.interpret)
     except (ImportError, AttributeError):
-        import os
-
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
@@ -519,24 +518,26 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 def _configs_for(kind: str, arch: int) -> list[triton.Config]:
-    """Candidate tiles per kernel for a GPU architecture (90 = Hopper, 80 = Ampere, ...)."""
+    """Candidate tiles per kernel for a GPU architecture (90 = Hopper, 80 = Ampere, ...).
+
+    The first entry is the default used when autotuning is off (BIGTRAIN_ATTN_AUTOTUNE=0).
+    Lists are short on purpose: every candidate is compiled once per kernel variant.
+    """
     if arch >= 90:  # H100 / H200: 228 KB smem per SM, large tiles with 8 warps pay off.
         table = {
-            "fwd": [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
-                    _cfg(128, 32, 4, 2), _cfg(64, 32, 4, 2)],
+            "fwd": [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 32, 4, 2),
+                    _cfg(64, 32, 4, 2)],
             "dkdv": [_cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 4, 2),
-                     _cfg(16, 64, 4, 2), _cfg(32, 32, 4, 1)],
-            "dq": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3), _cfg(64, 64, 4, 2),
-                   _cfg(64, 16, 4, 2), _cfg(32, 32, 4, 1)],
+                     _cfg(32, 32, 4, 1)],
+            "dq": [_cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 64, 4, 2),
+                   _cfg(32, 32, 4, 1)],
         }
     else:  # Ampere (A100: 164 KB smem) and consumer parts: smaller tiles, fewer stages.
         table = {
             "fwd": [_cfg(128, 64, 4, 3), _cfg(128, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2),
                     _cfg(32, 32, 4, 1)],
-            "dkdv": [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(16, 64, 4, 1),
-                     _cfg(32, 32, 4, 1)],
-            "dq": [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(64, 16, 4, 1),
-                   _cfg(32, 32, 4, 1)],
+            "dkdv": [_cfg(32, 128, 8, 2), _cfg(32, 64, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 1)],
+            "dq": [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 2), _cfg(32, 32, 4, 1)],
         }
     return table[kind]
 
@@ -548,9 +549,11 @@ def _arch_configs(kind: str) -> list[triton.Config]:
 
 def _prune(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     # head_dim 256 tiles exceed shared memory with the big configurations: keep the small ones.
+    # (Candidates that still do not fit are skipped by the autotuner as OutOfResources.)
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     if block_d >= 256:
-        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+        small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64
+                 and c.num_stages <= 2 and max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= 64]
         return small or configs[-1:]
     if block_d >= 128:
         return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64] or configs[-1:]
@@ -561,9 +564,13 @@ _KEY = ["TUNE_SEQ", "HEAD_DIM", "CAUSAL", "HAS_KPM", "HAS_SEG", "HAS_DMASK", "HA
 _tuned: dict[str, Any] = {}
 
 
+def _autotune_enabled() -> bool:
+    return os.environ.get("BIGTRAIN_ATTN_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
 def _kernel(kind: str) -> Any:
     base = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}[kind]
-    if INTERPRET:
+    if INTERPRET or not _autotune_enabled():
         return base
     if kind not in _tuned:
         _tuned[kind] = triton.autotune(configs=_arch_configs(kind), key=_KEY,
@@ -576,6 +583,10 @@ def _launch(kind: str, grid_fn: Any, *args: Any, **kw: Any) -> None:
     if INTERPRET:
         meta = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
         kern[grid_fn(meta)](*args, **kw, **meta)
+    elif not _autotune_enabled():  # first (default) candidate that fits this head_dim
+        cfg = _prune(_arch_configs(kind), {}, BLOCK_D=kw["BLOCK_D"])[0]
+        kern[grid_fn(cfg.kwargs)](*args, **kw, **cfg.kwargs, num_warps=cfg.num_warps,
+                                  num_stages=cfg.num_stages)
     else:
         kern[grid_fn](*args, **kw)
 

@@ -1,0 +1,244 @@
+"""`bigtrain bench attention`: TFLOP/s of bigtrain's Triton attention vs torch SDPA and eager.
+
+FLOPs are counted as FlashAttention does: forward = 4 * batch * heads * seq_q * seq_k * head_dim
+(two matmuls), halved when causal; backward = 2.5 x forward; forward+backward = 3.5 x forward.
+Heads = hidden / head_dim with hidden 2048 and batch = tokens / seq (16k tokens by default).
+
+Without CUDA it runs a tiny smoke configuration under the Triton interpreter (TRITON_INTERPRET=1
+is set before Triton is imported): the numbers then only show that the harness works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+BACKENDS = ("bigtrain_triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "eager")
+FLOP_NOTE = ("FLOPs as FlashAttention: fwd = 4*batch*heads*seq_q*seq_k*head_dim (halved if causal), "
+             "bwd = 2.5 x fwd, fwd+bwd = 3.5 x fwd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `bigtrain bench attention`."""
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths (seq_q = seq_k)")
+    parser.add_argument("--tokens", type=int, default=16384, help="batch * seq, kept constant")
+    parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"])
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--eager-max-seq", type=int, default=8192,
+                        help="skip eager above this length (it materialises seq x seq scores)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG plot (matplotlib, Agg)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny configuration (the default without CUDA, under the Triton interpreter)")
+
+
+def _flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, mode: str) -> float:
+    f = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+    return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
+
+
+def _attention_fn(backend: str, causal: bool) -> Callable[..., Any] | None:
+    import torch
+    import torch.nn.functional as F
+
+    if backend == "bigtrain_triton":
+        from bigtrain.kernels import flash_attn
+
+        return lambda q, k, v: flash_attn(q, k, v, causal=causal)
+    if backend == "eager":
+        def eager(q, k, v):
+            s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+            if causal:
+                n = q.shape[-2]
+                s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v
+        return eager
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    name = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
+            "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}[backend]
+    if not hasattr(SDPBackend, name):
+        return None
+    be = getattr(SDPBackend, name)
+
+    def sdpa(q, k, v):
+        with sdpa_kernel(be):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return sdpa
+
+
+def _timer(cuda: bool) -> Callable[[Callable[[], Any], int, int], float]:
+    import torch
+
+    def measure(fn: Callable[[], Any], warmup: int, reps: int) -> float:
+        for _ in range(warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3 / reps
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+    return measure
+
+
+def _bench_one(fn: Callable[..., Any], q: Any, k: Any, v: Any, mode: str, measure: Any, warmup: int,
+               reps: int) -> float:
+    import torch
+
+    do = torch.randn_like(q)
+    if mode == "fwd":
+        with torch.no_grad():
+            return measure(lambda: fn(q, k, v), warmup, reps)
+    if mode == "bwd":
+        out = fn(q, k, v)
+        return measure(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True), warmup, reps)
+    return measure(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), warmup, reps)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark; prints a table, optionally writes JSON and a PNG. Returns an exit code."""
+    cuda_visible = _cuda_available()
+    smoke = args.smoke or not cuda_visible
+    if not cuda_visible:
+        # Must precede the first flash_attn call: the kernels read it when they are defined.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    device = "cuda" if cuda_visible else "cpu"
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if smoke:
+        seqlens, head_dims, tokens, hidden = [64], [32], 64, 64
+        dt_names = ["fp32"] if not cuda_visible else args.dtypes[:1]
+        backends = [b for b in args.backends if b in ("bigtrain_triton", "eager")] + (
+            [] if cuda_visible else ["sdpa_math"])
+        warmup, reps = 1, 1
+    else:
+        seqlens, head_dims, tokens, hidden = args.seqlens, args.head_dims, args.tokens, args.hidden
+        dt_names, backends, warmup, reps = args.dtypes, args.backends, args.warmup, args.reps
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    measure = _timer(cuda_visible)
+
+    env = {"device": torch.cuda.get_device_name() if cuda_visible else "cpu (Triton interpreter)",
+           "torch": torch.__version__, "smoke": smoke, "flops": FLOP_NOTE}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    print(f"# attention benchmark on {env['device']}; torch {env['torch']}, triton {env['triton']}")
+    print(f"# {FLOP_NOTE}")
+    if smoke:
+        print("# smoke configuration: numbers are not performance figures")
+    header = f"{'dtype':5} {'causal':6} {'hdim':>4} {'seq':>6} {'batch':>5} {'heads':>5} {'backend':16} " + \
+        " ".join(f"{m + ' TF/s':>12}" for m in args.modes)
+    print(header)
+    results: list[dict[str, Any]] = []
+    for dt_name in dt_names:
+        for causal in causals:
+            for hd in head_dims:
+                for seq in seqlens:
+                    batch, heads = max(1, tokens // seq), max(1, hidden // hd)
+                    g = torch.Generator(device=device).manual_seed(0)
+                    mk = lambda: torch.randn(batch, heads, seq, hd, device=device, generator=g,  # noqa: E731
+                                             dtype=dtypes[dt_name]).requires_grad_()
+                    q, k, v = mk(), mk(), mk()
+                    for backend in backends:
+                        row = {"dtype": dt_name, "causal": causal, "head_dim": hd, "seq": seq, "batch": batch,
+                               "heads": heads, "backend": backend}
+                        fn = _attention_fn(backend, causal)
+                        for mode in args.modes:
+                            tflops = None
+                            if fn is not None and not (backend == "eager" and seq > args.eager_max_seq):
+                                try:
+                                    sec = _bench_one(fn, q, k, v, mode, measure, warmup, reps)
+                                    tflops = _flops(batch, heads, seq, hd, causal, mode) / sec / 1e12
+                                except (RuntimeError, torch.OutOfMemoryError) as e:  # backend unsupported here
+                                    row[f"{mode}_error"] = str(e).splitlines()[0][:200] if str(e) else repr(e)
+                                    if cuda_visible:
+                                        torch.cuda.empty_cache()
+                            row[mode] = tflops
+                        results.append(row)
+                        cells = " ".join(f"{row[m]:12.2f}" if row[m] is not None else f"{'-':>12}"
+                                         for m in args.modes)
+                        print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {batch:5d} {heads:5d} {backend:16} {cells}",
+                              flush=True)
+                    del q, k, v
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(results, args.modes, args.plot, env)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _plot(results: list[dict[str, Any]], modes: list[str], path: str, env: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dtype"], r["causal"], r["head_dim"]) for r in results}, key=str)
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(4.5 * len(modes), 3.2 * len(panels)),
+                             squeeze=False)
+    for i, (dt, causal, hd) in enumerate(panels):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            for backend in dict.fromkeys(r["backend"] for r in results):
+                pts = [(r["seq"], r[mode]) for r in results if (r["dtype"], r["causal"], r["head_dim"],
+                                                                r["backend"]) == (dt, causal, hd, backend)
+                       and r[mode] is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{mode} {dt} {'causal' if causal else 'full'} d={hd}", fontsize=9)
+            ax.set_xlabel("seq")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(f"attention on {env['device']} (torch {env['torch']}, triton {env['triton']})"
+                 + (" - SMOKE, not a measurement" if env["smoke"] else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain bench attention", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
