@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     measure = _timer(cuda_visible)
 
     env = {"device": torch.cuda.get_device_name() if cuda_visible else "cpu (Triton interpreter)",
-           "torch": torch.__version__, "smoke": smoke, "flops": FLOP_NOTE}
+           "torch": torch.__version__, "smoke": smoke, "flops": FLOP_NOTE,
+           "autotune": os.environ.get("BIGTRAIN_ATTN_AUTOTUNE", "1") not in ("0", "false", "off", "no")}
     try:
         import triton
 
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         env["triton"] = None
     print(f"# attention benchmark on {env['device']}; torch {env['torch']}, triton {env['triton']}")
     print(f"# {FLOP_NOTE}")
+    print(f"# bigtrain_triton autotuning: {'on' if env['autotune'] else 'off (BIGTRAIN_ATTN_AUTOTUNE=0)'}")
     if smoke:
         print("# smoke configuration: numbers are not performance figures")
     header = f"{'dtype':5} {'causal':6} {'hdim':>4} {'seq':>6} {'batch':>5} {'heads':>5} {'backend':16} " + \

@@ -126,6 +126,7 @@ BF16_GRID = [
 ]
 
 
+@gpu
 @BF16_SKIP
 @pytest.mark.parametrize("b,hq,hk,sq,sk,d,causal,dtype,mask", BF16_GRID)
 def test_bf16(b, hq, hk, sq, sk, d, causal, dtype, mask):

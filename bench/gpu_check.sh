@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# GPU check of bigtrain's Triton attention, in one run of under 8 minutes on one H200:
+#   1. pytest -m gpu tests/kernels       (kernel vs float64 reference in fp16/bf16, determinism, dropout)
+#   2. bigtrain bench attention          (TFLOP/s table, OUTDIR/attention_bench.json + .png)
+#   3. a 50-step bigtrain training run with model.attn_implementation=bigtrain_triton
+# and records the GPU name and torch/triton/transformers versions in OUTDIR/env.json.
+#
+# Usage: bench/gpu_check.sh OUTDIR            (from anywhere; PYTHON=python3 by default)
+#
+# The GPU box has torch, triton and transformers but not deepspeed or datasets (needed by step 3).
+# Build their wheels on a machine with package access with /work/shared/gpu/fetch-wheels.sh DIR
+# (read its header), carry DIR along, and either install them as its header says:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site DIR/*.whl
+#   export PYTHONPATH=/tmp/site:$PYTHONPATH
+# or run this script with WHEELS=DIR, which does exactly that. Without them step 3 reports why it
+# could not run; steps 1-2 do not need them.
+#
+# bigtrain is not installed on the box: the script stages the package as pyproject.toml maps it
+# (bigtrain/, kernels/ -> bigtrain/kernels, ds_configs/, slurm/) under $OUTDIR/.stage and runs
+# everything from $OUTDIR so the source tree's bigtrain/ (without kernels/) cannot shadow it.
+# Knobs: BENCH_AUTOTUNE=1 autotunes the benchmark's kernels (more compile time; default off, i.e.
+# the first tile of each architecture's list), BENCH_ARGS overrides the benchmark's arguments.
+set -uo pipefail
+
+OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+start=$(date +%s)
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+
+if [[ -n "${WHEELS:-}" ]]; then
+  stamp "installing wheels from $WHEELS into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+STAGE="$OUT/.stage"
+rm -rf "$STAGE" && mkdir -p "$STAGE"
+cp -r "$REPO/bigtrain" "$STAGE/bigtrain"
+cp -r "$REPO/kernels" "$STAGE/bigtrain/kernels"
+[[ -d "$REPO/ds_configs" ]] && cp -r "$REPO/ds_configs" "$STAGE/bigtrain/ds_configs"
+[[ -d "$REPO/slurm" ]] && cp -r "$REPO/slurm" "$STAGE/bigtrain/slurm_templates"
+export PYTHONPATH="$STAGE"${PYTHONPATH:+:$PYTHONPATH}
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+unset TRITON_INTERPRET
+cd "$OUT"
+
+stamp "environment -> $OUT/env.json"
+"$PY" - <<'PYEOF'
+import json, platform, subprocess
+env = {"python": platform.python_version()}
+try:
+    env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                        "--format=csv,noheader"], capture_output=True, text=True,
+                                       timeout=30).stdout.strip()
+except Exception as e:  # noqa: BLE001
+    env["nvidia_smi"] = f"unavailable: {e}"
+for mod in ("torch", "triton", "transformers", "deepspeed", "datasets"):
+    try:
+        env[mod] = __import__(mod).__version__
+    except Exception as e:  # noqa: BLE001
+        env[mod] = f"missing ({type(e).__name__})"
+import torch
+env["cuda"] = torch.version.cuda
+env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+env["capability"] = list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+json.dump(env, open("env.json", "w"), indent=1)
+print(json.dumps(env, indent=1))
+PYEOF
+
+status=0
+
+stamp "1/3 pytest -m gpu tests/kernels"
+timeout 240 "$PY" -m pytest -m gpu "$REPO/tests/kernels" -c "$REPO/pyproject.toml" --rootdir "$REPO" \
+  -p no:cacheprovider -q -rA --junitxml="$OUT/gpu_tests.xml"
+rc=$?; [[ $rc -ne 0 ]] && { stamp "gpu tests FAILED (rc=$rc)"; status=1; }
+
+stamp "2/3 attention benchmark"
+BENCH_ARGS=${BENCH_ARGS:-"--dtypes bf16 fp16 --head-dims 64 128 --seqlens 512 1024 2048 4096 8192 16384 --warmup 3 --reps 10"}
+# shellcheck disable=SC2086
+BIGTRAIN_ATTN_AUTOTUNE=${BENCH_AUTOTUNE:-0} timeout 200 "$PY" -m bigtrain.bench.attention $BENCH_ARGS \
+  --json "$OUT/attention_bench.json" --plot "$OUT/attention_bench.png"
+rc=$?; [[ $rc -ne 0 ]] && { stamp "benchmark FAILED (rc=$rc)"; status=1; }
+
+stamp "3/3 training run with model.attn_implementation=bigtrain_triton"
+if ! "$PY" -m bigtrain train --help >/dev/null 2>&1; then
+  stamp "SKIPPED: 'python -m bigtrain train' is not available here (CLI absent or its dependencies missing:"
+  "$PY" -m bigtrain train --help 2>&1 | tail -3
+  stamp "deepspeed/datasets? see the header of this script for the wheels)"
+  echo "absent" > "$OUT/train_status.txt"
+else
+  timeout 150 "$PY" -m bigtrain train model.preset=tiny train.max_steps=50 \
+    model.attn_implementation=bigtrain_triton deepspeed.precision=bf16 output_dir="$OUT/train_run" --overwrite
+  rc=$?
+  echo "rc=$rc" > "$OUT/train_status.txt"
+  [[ $rc -ne 0 ]] && { stamp "training run FAILED (rc=$rc)"; status=1; }
+fi
+
+rm -rf "$STAGE"
+stamp "done, status=$status; results in $OUT"
+exit $status
