@@ -258,6 +258,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads '3e-4' (no dot) as a string; accept any plain number.
+            try:
+                value = float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             v = float(value)
             if not math.isfinite(v):

@@ -370,6 +370,9 @@ def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str,
     if (out / "bigtrain_meta.json").is_file():
         return out
     docs = load_documents(sources, "line" if cfg_data.mode == "line_by_line" else cfg_data.sample_by, cfg_data.text_field, cfg_data.on_decode_error, cache)
+    if cfg_data.mode == "line_by_line":
+        # As transformers' old LineByLineTextDataset: blank and whitespace-only lines are no examples.
+        docs = docs.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, batch_size=4096)
     log(f"tokenizing {len(docs)} documents ...")
     tok_ds = tokenize(docs, tokenizer, cfg_data.num_proc)
     flat, lengths = _flat_tokens(tok_ds)

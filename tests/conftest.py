@@ -19,7 +19,7 @@ SMALL = [
     "data.vocab_size=512", "data.seq_len=64",
     "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2",
     "train.micro_batch_size=4", "train.progress=false", "train.sample_tokens=0",
-    "train.warmup_steps=2", "train.lr=3e-3",
+    "train.warmup_steps=2", "train.lr=1e-2",
 ]
 
 
@@ -48,6 +48,6 @@ def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | 
     return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli(cache_dir):
     return lambda args, **kw: run_cli(args, cache_dir, **kw)

@@ -183,3 +183,12 @@ def test_presets_have_the_advertised_sizes():
             model = AutoModelForCausalLM.from_config(preset_config(name, {}, None))
         count = sum(p.numel() for p in model.parameters())
         assert abs(count - n) / n < 0.03, (name, count)
+
+
+def test_exponent_without_dot_is_a_float(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; bigtrain takes it as the number users meant."""
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("train:\n  lr: 3e-4\n")
+    assert load_config(str(cfg_file), ["train.min_lr_ratio=1e-1"]).train.lr == 3e-4
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(None, ["train.lr=nan"])
