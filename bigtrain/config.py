@@ -53,7 +53,7 @@ class DataConfig:
     # A local tokenizer directory; absent: a byte-level BPE is trained on train_files.
     tokenizer: Optional[str] = None
     vocab_size: int = 8192
-    seq_len: int = 256
+    seq_len: int = 128
     # packed: documents concatenated with EOS and cut into seq_len blocks (document ids kept);
     # line_by_line: each non-empty line is one example, truncated and padded.
     mode: str = "packed"
@@ -73,7 +73,7 @@ class TrainConfig:
     grad_accum: int = 1
     # Optional check: must equal micro_batch_size * grad_accum * data-parallel world size.
     global_batch_size: Optional[int] = None
-    max_steps: int = 300
+    max_steps: int = 400
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -85,7 +85,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 20
-    save_every: int = 100
+    save_every: int = 200
     keep_last: int = 2
     progress: bool = True
     # Print a short generated sample at the end (clm).

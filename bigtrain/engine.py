@@ -140,7 +140,9 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
         "optimizer.params.betas": [t.beta1, t.beta2],
         "optimizer.params.weight_decay": t.weight_decay,
         "scheduler.params.total_num_steps": t.max_steps,
-        "scheduler.params.warmup_num_steps": min(t.warmup_steps, max(t.max_steps - 1, 0)),
+        # DeepSpeed needs at least one warmup step; with warmup_steps=0 that step starts at full lr.
+        "scheduler.params.warmup_num_steps": max(1, min(t.warmup_steps, t.max_steps - 1)),
+        "scheduler.params.warmup_min_ratio": 0.0 if t.warmup_steps > 0 else 1.0,
         "scheduler.params.cos_min_ratio": t.min_lr_ratio,
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",

@@ -51,6 +51,13 @@ def test_two_rank_zero2_loss_falls(zero2_run):
     assert "perplexity" in r.stderr
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "model" / "model.safetensors").is_file()
+    # Linear warmup to train.lr, then cosine decay towards lr x min_lr_ratio.
+    lrs = [r_["lr"] for r_ in metrics(out) if "lr" in r_]
+    peak = max(lrs)
+    assert abs(peak - 1e-2) < 1e-9 and lrs.index(peak) <= 2
+    after = lrs[lrs.index(peak):]
+    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 0.2 * peak
+    assert after[-1] >= 0.1 * peak - 1e-9
     resolved = json.loads((out / "ds_config.json").read_text())
     assert resolved["zero_optimization"]["stage"] == 2 and resolved["train_batch_size"] == 8
 
@@ -84,9 +91,10 @@ def test_resume_from_path_into_new_output_dir(zero2_run, cli, tmp_path):
 
 def test_export_round_trip_matches_engine_logits(cli, corpus, tmp_path):
     out = tmp_path / "run"
-    overrides = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=2", "train.max_steps=4", "train.save_every=4"]
+    overrides = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=2", "train.max_steps=4", "train.save_every=2", "train.keep_last=1"]
     r = cli(["train", *overrides, f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000004"]  # keep_last=1
     # The engine's logits, with the checkpoint loaded by DeepSpeed.
     probe = tmp_path / "probe.pt"
     p = subprocess.run([sys.executable, str(REPO / "tests/helpers/engine_logits.py"), str(out / "checkpoints" / "step_00000004"), str(probe),
