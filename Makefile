@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/bigtrain train --overwrite
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -56,6 +56,12 @@ def check_output_dir(cfg: Config, overwrite: bool, resume: Optional[str]) -> Non
         raise UserError(f"{where_of(cfg, 'output_dir')}: output_dir {out} is not writable: {e.strerror or e}") from None
 
 
+def torch_ones_like(t):
+    import torch
+
+    return torch.ones_like(t)
+
+
 def log0(rank: int, *args) -> None:
     if rank == 0:
         print(*args, file=sys.stderr, flush=True)
@@ -66,7 +72,6 @@ class Trainer:
         self.cfg = cfg
         self.on_cpu = setup_accelerator()
         import torch
-        import torch.distributed as dist
 
         self.env = dist_env()
         rank = self.env.rank
@@ -76,8 +81,6 @@ class Trainer:
         self.ds_config = build_ds_config(cfg, self.env.world_size, self.on_cpu)
         self.precision = precision_of(self.ds_config)
         self.global_batch = self.ds_config["train_batch_size"]
-        init_distributed(self.on_cpu, cfg.deepspeed.timeout_minutes)
-        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", self.env.local_rank)
 
         # Checkpoint to resume from (decided before anything is overwritten).
         self.resume_from: Optional[Path] = None
@@ -85,15 +88,18 @@ class Trainer:
             self.resume_from = ckpt_io.latest_checkpoint(self.output_dir / "checkpoints")
         elif resume:
             self.resume_from = ckpt_io.resolve_checkpoint(resume)
-        if rank == 0 and overwrite and self.resume_from is None:
-            for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json"):
-                p = self.output_dir / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
-        # Data: rank 0 tokenizes and packs (cached); the others then load the cache.
+        # Data: rank 0 checks, tokenizes and packs (cached) before joining the process group, so
+        # bad data ends the job before any collective; the other ranks wait in the rendezvous
+        # and then load the cache.
         if rank == 0:
             self.prepared = prepare(cfg, log=lambda *a: log0(rank, *a))
-        dist.barrier()
+            if overwrite and self.resume_from is None:
+                for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json"):
+                    p = self.output_dir / name
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        init_distributed(self.on_cpu, cfg.deepspeed.timeout_minutes)
+        self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", self.env.local_rank)
         if rank != 0:
             self.prepared = prepare(cfg, log=lambda *a: None)
         from bigtrain.tokenizer import load_tokenizer
@@ -163,7 +169,8 @@ class Trainer:
         hf.pad_token_id = self.tokenizer.pad_token_id
         return hf
 
-    def _attn_implementation(self) -> str:
+    @property
+    def attn_implementation(self) -> str:
         choice = self.cfg.model.attn_implementation
         if choice == "auto":
             return "sdpa" if self.on_cpu else "bigtrain_triton"
@@ -173,7 +180,7 @@ class Trainer:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        attn = self._attn_implementation()
+        attn = self.attn_implementation
         if attn == "bigtrain_triton":
             import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
         stage3 = self.ds_config["zero_optimization"]["stage"] == 3
@@ -195,13 +202,13 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict):
-        # Packed documents: segment ids are kept for per-document attention masking.
         segment_ids = batch.pop("segment_ids", None)
-        if segment_ids is not None and self._attn_implementation() == "bigtrain_triton":
-            from bigtrain.kernels import segment_ids_context
-
-            with segment_ids_context(segment_ids):
-                return self.engine(**batch).loss
+        if segment_ids is not None and self.attn_implementation == "bigtrain_triton":
+            # Packed documents: the fused kernel masks attention per document. transformers
+            # forwards the keyword to the attention function; an all-ones attention_mask keeps
+            # it from inferring packing from position ids (the slow dense path).
+            batch["segment_ids"] = segment_ids
+            batch.setdefault("attention_mask", torch_ones_like(batch["input_ids"]))
         return self.engine(**batch).loss
 
     def train(self) -> dict:
@@ -224,6 +231,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 micro_batches = loader.next()
+                step_lr = self.engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (no sync)
                 step_loss = torch.zeros((), device=self.device)
                 for batch in micro_batches:
                     loss = self._forward(self._to_device(batch))
@@ -242,7 +250,7 @@ class Trainer:
                     losses = (losses / self.env.world_size).tolist()
                     now = time.perf_counter()
                     tok_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
-                    lr = self.engine.get_lr()[0]
+                    lr = step_lr
                     first = self.step - len(losses) + 1
                     for i, value in enumerate(losses):
                         if t.log_every == 1 or i == len(losses) - 1:

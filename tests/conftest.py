@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-STDLIB = Path(sysconfig.get_path("stdlib"))
-
-# A small model and corpus so multi-rank DeepSpeed runs take seconds on 2 CPU cores.
-SMALL = [
-    "data.vocab_size=512", "data.seq_len=64",
-    "model.config.n_layer=2", "model.config.n_embd=64", "model.config.n_head=2",
-    "train.micro_batch_size=4", "train.progress=false", "train.sample_tokens=0",
-    "train.warmup_steps=2", "train.lr=1e-2",
-]
+from common import REPO, STDLIB, run_cli  # noqa: E402,F401 - shared with the test modules
 
 
 @pytest.fixture(scope="session")
@@ -38,14 +26,6 @@ def corpus(tmp_path_factory) -> Path:
         for f in sorted((STDLIB / pkg).glob("*.py")):
             shutil.copy(f, d / f"{pkg}_{f.name}")
     return d
-
-
-def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, BIGTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO))
 
 
 @pytest.fixture(scope="session")

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import pytest
 
-from tests.conftest import REPO, SMALL
+from common import REPO, SMALL
 
 
 @pytest.mark.parametrize("verb", [[], ["train"], ["export"], ["generate"], ["data"], ["data", "prepare"], ["tokenizer"], ["tokenizer", "train"], ["bench"]])
 def test_help_on_every_verb(verb):
-    r = subprocess.run([sys.executable, "-m", "bigtrain", *verb, "--help"], capture_output=True, text=True, cwd=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "bigtrain", *verb, "--help"], capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: bigtrain")
     if verb == ["train"]:
@@ -50,9 +51,10 @@ def test_torchrun_two_ranks_and_pretrained_start(cli, corpus, tmp_path, cache_di
     """torchrun sets RANK/WORLD_SIZE; bigtrain picks them up. Then fine-tune from the export."""
     out = tmp_path / "tr"
     args = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=1", "train.max_steps=6", "train.log_every=1", f"output_dir={out}"]
-    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(BIGTRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "bigtrain", "train", *args],
-                       capture_output=True, text=True, cwd=str(REPO), env=env, timeout=600)
+                       capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2
@@ -106,6 +108,6 @@ def test_no_weight_decay_on_biases_and_norms():
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(names[id(p)].endswith(".bias") or "ln_" in names[id(p)] for p in no_decay["params"])
-    assert any("ln_f.weight" == names[id(p)] for p in no_decay["params"])
+    assert any(names[id(p)].endswith("ln_f.weight") for p in no_decay["params"])
     assert all(p.ndim == 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO, SMALL
+from common import REPO, SMALL
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +55,7 @@ def test_two_rank_zero2_loss_falls(zero2_run):
     # Linear warmup to train.lr, then cosine decay towards lr x min_lr_ratio.
     lrs = [r_["lr"] for r_ in metrics(out) if "lr" in r_]
     peak = max(lrs)
-    assert abs(peak - 1e-2) < 1e-9 and lrs.index(peak) <= 2
+    assert abs(peak - 1e-2) < 1e-4 and lrs.index(peak) <= 3 and lrs[0] < 0.5 * peak
     after = lrs[lrs.index(peak):]
     assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 0.2 * peak
     assert after[-1] >= 0.1 * peak - 1e-9
@@ -94,11 +95,11 @@ def test_export_round_trip_matches_engine_logits(cli, corpus, tmp_path):
     overrides = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=2", "train.max_steps=4", "train.save_every=2", "train.keep_last=1"]
     r = cli(["train", *overrides, f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_00000004"]  # keep_last=1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step_00000004"]  # keep_last=1
     # The engine's logits, with the checkpoint loaded by DeepSpeed.
     probe = tmp_path / "probe.pt"
     p = subprocess.run([sys.executable, str(REPO / "tests/helpers/engine_logits.py"), str(out / "checkpoints" / "step_00000004"), str(probe),
-                        *overrides, f"output_dir={tmp_path / 'probe_run'}"], capture_output=True, text=True, cwd=str(REPO))
+                        *overrides, f"output_dir={tmp_path / 'probe_run'}"], capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert p.returncode == 0, p.stderr[-3000:]
     exported = tmp_path / "hf"
     r = cli(["export", str(out), str(exported)])
