@@ -182,8 +182,23 @@ def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N unless told not to; LOCAL_RANK has it too."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a.startswith(("--local_rank=", "--local-rank=")):
+            continue
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser()
         ns = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -81,10 +82,15 @@ def test_resume_auto_gives_identical_losses(zero2_run, cli, tmp_path):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
 
 
-def test_resume_from_path_into_new_output_dir(zero2_run, cli, tmp_path):
+def test_resume_from_path_under_the_deepspeed_launcher(zero2_run, cache_dir, tmp_path):
+    """`deepspeed --num_gpus 2 --module bigtrain train ...` (it appends --local_rank=N) into a new output_dir."""
     out, args, _ = zero2_run
     args = [a if not a.startswith("output_dir=") else f"output_dir={tmp_path / 'b'}" for a in args]
-    r = cli([*args, "train.max_steps=20", "--nproc", "2", "--resume", str(out / "checkpoints" / "step_00000015")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(BIGTRAIN_CACHE=str(cache_dir), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    r = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", "29541", "--module", "bigtrain", *args, "train.max_steps=20",
+                        "--resume", str(out / "checkpoints" / "step_00000015")], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=600)
     # The LR schedule depends on max_steps, so a different max_steps is a different run: only check it ran.
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(train_losses(tmp_path / "b")) == [16, 17, 18, 19, 20]
