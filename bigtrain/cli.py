@@ -201,7 +201,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser()
-        ns = parser.parse_args(argv)
+        # Overrides may come after options (`train CONFIG --nproc 2 key=value`): argparse leaves
+        # those unparsed, so collect them here.
+        ns, extra = parser.parse_known_args(argv)
+        takes_overrides = hasattr(ns, "args")
+        stray = [a for a in extra if a.startswith("-") or not takes_overrides]
+        if stray:
+            raise UserError(f"bigtrain: unrecognized arguments: {' '.join(stray)} (see 'bigtrain --help')")
+        if takes_overrides:
+            ns.args = list(ns.args) + extra
         if ns.verb is None:
             parser.print_help()
             return 2

@@ -153,6 +153,13 @@ def test_override_syntax_and_cli_usage(capsys):
     assert_one_error(code, err, "notanoverride")
     code, err = run_main(capsys, ["train", "--nproc", "two"])
     assert_one_error(code, err, "--nproc")
+    code, err = run_main(capsys, ["train", "--nrpoc", "2"])
+    assert_one_error(code, err, "unrecognized arguments: --nrpoc")
+    # Overrides after options are still overrides (and still checked).
+    code, err = run_main(capsys, ["train", "--nproc", "2", "train.lrr=1"])
+    assert_one_error(code, err, "train.lrr")
+    code, err = run_main(capsys, ["train", "--overwrite", "--nproc", "two"])
+    assert_one_error(code, err, "--nproc")
     code, err = run_main(capsys, ["export"])
     assert_one_error(code, err, "export")
     code, err = run_main(capsys, ["train", "missing.yaml"])
