@@ -88,11 +88,8 @@ def test_fp16_and_bf16_together(capsys, tmp_path):
     assert_one_error(code, err, "both fp16 and bf16")
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 runs on this machine's GPU")
 def test_fp16_on_cpu_is_refused_before_running(capsys, tmp_path, corpus):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("fp16 runs on this machine's GPU")
     code, err = run_main(capsys, ["train", "deepspeed.precision=fp16", f"data.train_files={corpus}", f"output_dir={tmp_path}/o", "--nproc", "1"])
     assert_one_error(code, err, "deepspeed.precision=fp16", "GPU")
 

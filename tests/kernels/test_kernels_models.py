@@ -62,7 +62,7 @@ def _run(model: torch.nn.Module, **inputs) -> tuple[torch.Tensor, list[torch.Ten
     return logits.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
 
-def _compare(name: str, ours: dict, ref: dict, *, valid: torch.Tensor | None = None) -> None:
+def _assert_matches_eager(name: str, ours: dict, ref: dict, *, valid: torch.Tensor | None = None) -> None:
     lo, go = _run(_model(name, "bigtrain_triton"), **ours)
     lr, gr = _run(_model(name, "eager"), **ref)
     if valid is not None:  # padded positions are not compared (eager gives them garbage too)
@@ -106,7 +106,7 @@ def test_registered_with_transformers():
 @pytest.mark.parametrize("name", ["gpt2", "bert", "roberta", "llama"])
 def test_padding_matches_eager(name):
     ids, am = _ids(), _padding()
-    _compare(name, dict(input_ids=ids, attention_mask=am), dict(input_ids=ids, attention_mask=am),
+    _assert_matches_eager(name, dict(input_ids=ids, attention_mask=am), dict(input_ids=ids, attention_mask=am),
              valid=am.bool())
 
 
@@ -115,7 +115,7 @@ def test_packed_documents_match_eager_block_diagonal(name):
     ids, am, seg = _ids(), _padding(), _documents()
     causal = name != "bert"
     ref_mask = _eager_mask(seg, am, causal)
-    _compare(name, dict(input_ids=ids, attention_mask=am, segment_ids=seg),
+    _assert_matches_eager(name, dict(input_ids=ids, attention_mask=am, segment_ids=seg),
              dict(input_ids=ids, attention_mask=ref_mask), valid=am.bool())
 
 
@@ -146,7 +146,7 @@ def test_packed_position_ids_dense_fallback_matches_eager(monkeypatch):
     ids = _ids()
     pos = torch.tensor([list(range(10)) + list(range(14)), list(range(24))], device=DEVICE)
     kw = dict(input_ids=ids, position_ids=pos, use_cache=False)
-    _compare("llama", kw, kw)
+    _assert_matches_eager("llama", kw, kw)
     assert seen and all(seen), "expected the dense-mask path"
 
 
