@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,8 +15,32 @@ def under_launcher() -> bool:
     return ("RANK" in env and "WORLD_SIZE" in env) or int(env.get("SLURM_NTASKS", "1") or 1) > 1
 
 
+def _rank_processes(root_pid: int) -> list:
+    """The training ranks below the launcher (not the launcher processes themselves)."""
+    import psutil
+
+    try:
+        kids = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for p in kids:
+        try:
+            cmd = p.cmdline()
+        except psutil.Error:
+            continue
+        if "bigtrain" in cmd and "deepspeed.launcher.runner" not in cmd and "deepspeed.launcher.launch" not in cmd:
+            ranks.append(p)
+    return ranks
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
-    """Start `nproc` ranks of `bigtrain <argv>` on this machine through DeepSpeed's launcher."""
+    """Start `nproc` ranks of `bigtrain <argv>` on this machine through DeepSpeed's launcher.
+
+    SIGUSR1 and SIGTERM sent to this process reach the ranks as SIGUSR1, so they finish the
+    step, save a checkpoint and exit with the preemption code (DeepSpeed's launcher would kill
+    them on SIGTERM without a checkpoint).
+    """
     env = dict(os.environ)
     if not has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -26,4 +51,18 @@ def relaunch(nproc: int, argv: list[str]) -> int:
         "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         "--no_local_rank", "--module", "bigtrain", *argv,
     ]
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame) -> None:  # noqa: ARG001
+        for p in _rank_processes(proc.pid):
+            try:
+                p.send_signal(signal.SIGUSR1)
+            except Exception:  # noqa: BLE001 - a rank that already exited needs nothing
+                pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -33,6 +33,58 @@ from bigtrain.metrics import MetricsWriter, plot_loss_curve
 from bigtrain.models import count_parameters, load_pretrained_config, position_limit, preset_config
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
+# Exit code of a run stopped by SIGUSR1/SIGTERM or its time limit after saving a checkpoint
+# (EX_TEMPFAIL: "try again"): job scripts requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class StopSignal:
+    """Asks every rank to stop after the current step: on SIGUSR1/SIGTERM, or near a deadline.
+
+    The deadline is `BIGTRAIN_STOP_AT` (Unix seconds; bigtrain's SLURM templates set it from the
+    job's end time minus the grace period). Ranks agree through one tiny all-reduce per step, so
+    all of them save the same checkpoint even if the signal reached them at different steps.
+    """
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self._signal: Optional[int] = None
+        self._stop_at = float(os.environ["BIGTRAIN_STOP_AT"]) if os.environ.get("BIGTRAIN_STOP_AT") else None
+        self._last = time.monotonic()
+        self._slowest_step = 0.0
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self._signal = signum
+
+    def should_stop(self, device) -> bool:
+        import signal
+
+        import torch
+        import torch.distributed as dist
+
+        now = time.monotonic()
+        self._slowest_step = max(self._slowest_step, now - self._last)
+        self._last = now
+        local = 0
+        if self._signal is not None:
+            local = 1
+        elif self._stop_at is not None and time.time() + 2 * self._slowest_step + 30 >= self._stop_at:
+            local = 2  # two more steps and a checkpoint might not fit before the deadline
+        flag = torch.tensor([local], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag.item())
+        if code == 1:
+            name = signal.Signals(self._signal).name if self._signal is not None else "a signal on another rank"
+            self.reason = f"received {name}"
+        elif code == 2:
+            self.reason = "the job's time limit is near"
+        return code != 0
 
 
 def check_output_dir(cfg: Config, overwrite: bool, resume: Optional[str]) -> None:
@@ -132,6 +184,8 @@ class Trainer:
                     f"this run has {self.global_batch}; keep micro_batch_size x grad_accum x world_size the same"
                 )
             log0(rank, f"resumed from {self.resume_from} at step {self.step} ({self.samples_seen} samples seen)")
+        self.stop = StopSignal()
+        self.preempted = False
         self.metrics = MetricsWriter(self.output_dir, rank == 0, resume_step=self.step if self.resume_from else None)
         if rank == 0:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -227,6 +281,7 @@ class Trainer:
         pending: list = []  # per-step losses on the device, read back only at log time
         last_log_time, last_log_step = time.perf_counter(), self.step
         self.engine.train()
+        self.stop.install()
         last_eval = None
         try:
             while self.step < t.max_steps:
@@ -264,6 +319,12 @@ class Trainer:
                     last_eval = self.evaluate()
                 if self.step % t.save_every == 0 or self.step == t.max_steps:
                     self.save()
+                elif self.stop.should_stop(self.device):
+                    # Preemption or the job's time limit: finish here with a checkpoint, on all ranks.
+                    ckpt = self.save()
+                    self.preempted = True
+                    log0(rank, f"stopping at step {self.step} ({self.stop.reason}): checkpoint {ckpt}; continue with --resume auto")
+                    break
         finally:
             loader.close()
             if bar is not None:
@@ -345,6 +406,8 @@ def run_training(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
     if trainer.step >= cfg.train.max_steps:
         log0(trainer.env.rank, f"nothing to do: the checkpoint is at step {trainer.step} >= train.max_steps={cfg.train.max_steps}")
     result = trainer.train()
+    if trainer.preempted:
+        return PREEMPTED_EXIT_CODE
     if result:
         log0(trainer.env.rank, f"final validation loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
     trainer.finish()

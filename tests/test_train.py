@@ -147,3 +147,37 @@ def test_default_job_runs_on_the_standard_library(cli, tmp_path):
 
     n = count_parameters(AutoModelForCausalLM.from_pretrained(str(out / "model")))
     assert 1e6 <= n <= 10e6
+
+
+def test_sigusr1_saves_exits_75_and_resume_auto_matches(zero2_run, cli, cache_dir, tmp_path):
+    """Preemption: SIGUSR1 to `bigtrain train --nproc 2` -> every rank finishes its step, saves,
+    exits with code 75; `--resume auto` then repeats the uninterrupted run's losses exactly."""
+    import signal
+    import time
+
+    out, args, _ = zero2_run
+    run = tmp_path / "pre"
+    args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["BIGTRAIN_CACHE"] = str(cache_dir)
+    log = open(tmp_path / "log.txt", "w")
+    p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2"], env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=log)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 4:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+    p.send_signal(signal.SIGUSR1)
+    assert p.wait(timeout=300) == 75, (tmp_path / "log.txt").read_text()[-3000:]
+    saved = sorted(int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_"))
+    stopped_at = saved[-1]
+    assert 4 <= stopped_at < 30
+    assert json.loads((run / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").read_text())["samples_seen"] == stopped_at * 8
+    assert not (run / "model").exists()  # no export from an interrupted run
+    r = cli([*args, "--nproc", "2", "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight, resumed = train_losses(out), train_losses(run)
+    assert sorted(resumed) == list(range(1, 31))
+    for step in range(1, 31):
+        assert resumed[step] == straight[step], (step, resumed[step], straight[step])
