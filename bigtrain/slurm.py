@@ -312,10 +312,15 @@ def run(args: argparse.Namespace) -> int:
     raise UserError("bigtrain slurm: expected a verb: render or submit (see 'bigtrain slurm --help')")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def _main(argv: Optional[list[str]] = None) -> int:
-    """Stand-alone entry point (`python -m bigtrain.slurm render ...`), until `bigtrain slurm` is wired."""
-    p = argparse.ArgumentParser(prog="bigtrain slurm")
-    add_arguments(p.add_subparsers(dest="slurm_verb", metavar="VERB"))
+    """Stand-alone entry point (`python -m bigtrain.slurm render ...`), as `bigtrain slurm` is in the CLI."""
+    p = _Parser(prog="bigtrain slurm")
+    add_arguments(p.add_subparsers(dest="slurm_verb", metavar="VERB", parser_class=_Parser))
     try:
         ns, extra = p.parse_known_args(argv)
         stray = [a for a in extra if a.startswith("-")]
