@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--vocab-size", type=int, required=True)
     kt.add_argument("--out", required=True, metavar="DIR")
 
+    from bigtrain import estimate as estimate_mod
+
+    est = sub.add_parser(
+        "estimate", help="memory per GPU (params, grads, optimizer, activations) and per node for a preset, ZeRO stage and offload",
+        description="Estimate the memory a preset needs per GPU and per node (see docs/zero.md).",
+    )
+    estimate_mod.add_arguments(est)
+    est.set_defaults(estimate_run=estimate_mod.run)
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_verb", metavar="VERB", parser_class=_Parser)
     try:
@@ -227,6 +236,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             if ns.tok_verb != "train":
                 raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")
             return cmd_tokenizer_train(ns)
+        if ns.verb == "estimate":
+            return int(ns.estimate_run(ns) or 0)
         if ns.verb == "bench":
             run = getattr(ns, "bench_run", None)
             if run is None:

@@ -103,6 +103,10 @@ class DeepSpeedConfig:
     activation_checkpointing: bool = False
     # A user's whole ds_config (a JSON file path or an inline mapping), merged over bigtrain's.
     config: Union[str, dict, None] = None
+    # ZeRO-3: create parameters already partitioned (deepspeed.zero.Init). auto: only for models
+    # too big to build whole on one rank (> 1B parameters); smaller ones are built whole, then
+    # partitioned, which gives bit-for-bit the same initial weights as stages 0-2.
+    zero3_init: Union[bool, str] = "auto"
     # Collective timeout, so a lost rank never hangs the job forever.
     timeout_minutes: int = 30
 
@@ -354,6 +358,7 @@ def validate(cfg: Config, where_of) -> None:
     _check_choice(cfg.deepspeed.precision, PRECISIONS, "deepspeed.precision", where_of)
     _check_choice(cfg.deepspeed.offload_optimizer, OFFLOAD, "deepspeed.offload_optimizer", where_of)
     _check_choice(cfg.deepspeed.offload_param, OFFLOAD, "deepspeed.offload_param", where_of)
+    _check_choice(cfg.deepspeed.zero3_init, ("auto", True, False), "deepspeed.zero3_init", where_of)
     d, t = cfg.data, cfg.train
     _check_range(d.seq_len, "data.seq_len", where_of, lo=2, hi=1 << 20)
     _check_range(d.vocab_size, "data.vocab_size", where_of, lo=300, hi=1 << 22)

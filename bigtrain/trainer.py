@@ -230,6 +230,17 @@ class Trainer:
             return "sdpa" if self.on_cpu else "bigtrain_triton"
         return choice
 
+    def _use_zero_init(self) -> bool:
+        choice = self.cfg.deepspeed.zero3_init
+        if choice != "auto":
+            return bool(choice)
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(self.hf_config).parameters())
+        return n > 1_000_000_000
+
     def _build_model(self):
         import deepspeed
         from transformers import AutoModelForCausalLM
@@ -238,14 +249,25 @@ class Trainer:
         if attn == "bigtrain_triton":
             import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
         stage3 = self.ds_config["zero_optimization"]["stage"] == 3
-        # Under ZeRO-3 parameters are partitioned as they are created, never whole on one rank.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=stage3):
-            if self.cfg.model.from_pretrained:
-                model = AutoModelForCausalLM.from_pretrained(self.cfg.model.from_pretrained, config=self.hf_config, attn_implementation=attn)
-                if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
-                    model.resize_token_embeddings(len(self.tokenizer))
-            else:
-                model = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation=attn)
+        # Import the model's module (and torch._dynamo, which transformers' masking pulls in)
+        # before zero.Init patches tensor construction: importing them inside it fails.
+        import torch._dynamo  # noqa: F401
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(self.hf_config)]
+        if stage3 and self._use_zero_init():
+            # transformers' ZeRO-3 integration: from_config/from_pretrained create the parameters
+            # partitioned (deepspeed.zero.Init) and gather them for weight init and loading.
+            # transformers keeps only a weak reference to this object: hold it.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)
+        if self.cfg.model.from_pretrained:
+            model = AutoModelForCausalLM.from_pretrained(self.cfg.model.from_pretrained, config=self.hf_config, attn_implementation=attn)
+            if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
+                model.resize_token_embeddings(len(self.tokenizer))
+        else:
+            model = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation=attn)
         if self.cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -383,6 +405,13 @@ class Trainer:
         import torch.distributed as dist
 
         self.metrics.close()
+        if getattr(self, "_hf_deepspeed_config", None) is not None:
+            # Export and sampling build plain models on rank 0 alone: switch transformers'
+            # ZeRO-3 mode off, or their construction would wait on collectives.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            self._hf_deepspeed_config = None
+            unset_hf_deepspeed_config()
         model_dir = None
         if self.env.rank == 0:
             from bigtrain.export import export
