@@ -51,7 +51,7 @@ start_munge() {
 
 write_conf() {
     local host
-    host=$(hostname -s)
+    host=$(hostname -s 2>/dev/null || uname -n | cut -d. -f1)
     mkdir -p "$DIR/state" "$DIR/spool/n1" "$DIR/spool/n2" "$DIR/log"
     rm -rf "${DIR:?}/state/"*  # no jobs left over from an earlier cluster
     cat > "$CONF" <<EOF

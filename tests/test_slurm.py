@@ -322,11 +322,14 @@ def test_two_node_zero3_job(straight_job):
     assert set(tasks) == {"attempt-0.task-0.log", "attempt-0.task-1.log"}
 
 
-def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_path):
-    """USR1 to the batch step mid-run: the ranks save, the job requeues itself and resumes, with the same losses."""
+@pytest.mark.parametrize("template", ["multinode", "deepspeed"])
+def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_path, template):
+    """USR1 to the batch step mid-run: the ranks save, the job requeues itself and resumes, with the
+    same losses as the straight job (which ran under srun: the DeepSpeed launcher gives the same ranks)."""
     _, straight_out, _, _ = straight_job
     out = tmp_path / "run"
-    job = submit(job_args, out, "--time", "10:00", "--grace", "60")
+    job = submit(job_args, out, "--time", "10:00", "--grace", "60", "--template", template)
+    rank0 = "task-0" if template == "multinode" else "node-0"  # srun's task 0 / the first node's launcher
     log_dir = out / "slurm"
     try:
         wait_for("step 15", lambda: len(losses(out)) >= 15 or job_info(job).get("JobState") not in ("PENDING", "RUNNING"), 180, every=0.1)
@@ -343,11 +346,11 @@ def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", diagnose(log_dir, job)
     batch, tasks = logs(log_dir, job)
     assert "received USR1" in batch and f"requeueing job {job}" in batch and "attempt 1 on" in batch, batch
-    m = re.search(r"stopping at step (\d+) \(received SIGUSR1\)", tasks["attempt-0.task-0.log"])
-    assert m, tasks["attempt-0.task-0.log"][-3000:]
+    m = re.search(r"stopping at step (\d+) \(received SIGUSR1\)", tasks[f"attempt-0.{rank0}.log"])
+    assert m, tasks[f"attempt-0.{rank0}.log"][-3000:]
     stopped = int(m.group(1))
     assert 15 <= stopped < MAX_STEPS
-    assert f"resumed from {out}/checkpoints/step_{stopped:08d} at step {stopped}" in tasks["attempt-1.task-0.log"]
+    assert f"resumed from {out}/checkpoints/step_{stopped:08d} at step {stopped}" in tasks[f"attempt-1.{rank0}.log"]
     assert losses(out) == losses(straight_out)  # bigtrain's resume is exact
     state = json.loads((out / "checkpoints" / f"step_{MAX_STEPS:08d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == MAX_STEPS
