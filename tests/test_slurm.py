@@ -305,6 +305,7 @@ def straight_job(job_args, tmp_path_factory):
     return job, out, marker, info
 
 
+@pytest.mark.slow
 def test_two_node_zero3_job(straight_job):
     job, out, marker, info = straight_job
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", diagnose(out / "slurm", job)
@@ -322,6 +323,7 @@ def test_two_node_zero3_job(straight_job):
     assert set(tasks) == {"attempt-0.task-0.log", "attempt-0.task-1.log"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", ["multinode", "deepspeed"])
 def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_path, template):
     """USR1 to the batch step mid-run: the ranks save, the job requeues itself and resumes, with the
@@ -356,6 +358,7 @@ def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_
     assert state["world_size"] == 2 and state["step"] == MAX_STEPS
 
 
+@pytest.mark.slow
 def test_time_limit_saves_before_the_kill(job_args, tmp_path):
     """A 2-minute job with more training than fits: bigtrain saves and stops before the limit, then requeues."""
     out = tmp_path / "run"
