@@ -110,16 +110,42 @@ def prune(root: Path, keep_last: int) -> None:
     found = list_checkpoints(root)
     for old in found[: max(0, len(found) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.parent / (old.name + "_universal"), ignore_errors=True)
 
 
-def load(engine, ckpt: Path, rank: int) -> dict[str, Any]:
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) format, once."""
+    import subprocess
+    import sys
+
+    out = ckpt.parent / (ckpt.name + UNIVERSAL_SUFFIX)
+    if (out / "zero").is_dir():
+        return out
+    tmp = ckpt.parent / (".tmp-" + out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt), "--output_folder", str(tmp),
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["unknown error"]
+        raise UserError(f"--resume: converting {ckpt} to a universal checkpoint failed: {tail[0]}")
+    tmp.rename(out)
+    return out
+
+
+def load(engine, ckpt: Path, rank: int, universal: bool = False) -> dict[str, Any]:
     """Load engine weights, optimizer and scheduler, and this rank's RNG; returns the trainer state."""
     import torch
 
-    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    tag = ckpt.name + UNIVERSAL_SUFFIX if universal else ckpt.name
+    path, client = engine.load_checkpoint(str(ckpt.parent), tag=tag)
     if path is None:
-        raise UserError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt}")
+        raise UserError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt.parent / tag}")
     rng = ckpt / f"rng_rank{rank}.pt"
-    if rng.is_file():
+    # At another world size the ranks hold other samples: their old RNG streams do not apply.
+    if rng.is_file() and not universal:
         _set_rng_state(torch.load(rng, weights_only=False))
     return read_state(ckpt)

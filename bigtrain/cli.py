@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     estimate_mod.add_arguments(est)
     est.set_defaults(estimate_run=estimate_mod.run)
 
+    from bigtrain import slurm as slurm_mod
+
+    sl = sub.add_parser("slurm", help="render or submit a Slurm job script (preemption-safe; resumes by itself)")
+    slurm_mod.add_arguments(sl.add_subparsers(dest="slurm_verb", metavar="VERB", parser_class=_Parser))
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_verb", metavar="VERB", parser_class=_Parser)
     try:
@@ -236,6 +241,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if ns.tok_verb != "train":
                 raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")
             return cmd_tokenizer_train(ns)
+        if ns.verb == "slurm":
+            from bigtrain import slurm as slurm_mod
+
+            return slurm_mod.run(ns)
         if ns.verb == "estimate":
             return int(ns.estimate_run(ns) or 0)
         if ns.verb == "bench":

@@ -141,6 +141,18 @@ class Trainer:
         elif resume:
             self.resume_from = ckpt_io.resolve_checkpoint(resume)
 
+        # A ZeRO checkpoint written at another world size is partitioned for that world size:
+        # convert it to DeepSpeed's universal format once (rank 0) and load that.
+        self.load_universal = False
+        if self.resume_from is not None:
+            saved = ckpt_io.read_state(self.resume_from)
+            if saved["world_size"] != self.env.world_size and (saved["zero_stage"] >= 1 or saved.get("precision", "fp32") != "fp32"):
+                self.load_universal = True
+                self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
+                if rank == 0:
+                    log0(rank, f"world size changed ({saved['world_size']} -> {self.env.world_size}): loading {self.resume_from.name} as a universal checkpoint")
+                    ckpt_io.to_universal(self.resume_from)
+
         # Data: rank 0 checks, tokenizes and packs (cached) before joining the process group, so
         # bad data ends the job before any collective; the other ranks wait in the rendezvous
         # and then load the cache.
@@ -176,7 +188,7 @@ class Trainer:
         self.schedule = BatchSchedule(train_idx, self.global_batch, cfg.train.micro_batch_size, self.env.world_size, rank, cfg.train.seed)
         self.step, self.samples_seen = 0, 0
         if self.resume_from is not None:
-            state = ckpt_io.load(self.engine, self.resume_from, rank)
+            state = ckpt_io.load(self.engine, self.resume_from, rank, universal=self.load_universal)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             if state.get("global_batch") != self.global_batch:
                 raise UserError(
