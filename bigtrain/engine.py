@@ -100,8 +100,19 @@ def resolve_precision(cfg: Config, on_cpu: bool) -> str:
     return p
 
 
-def load_template(stage: int) -> dict:
-    text = resources.files("bigtrain.ds_configs").joinpath(f"zero{stage}.json").read_text()
+def template_name(stage: int, offload_optimizer: str, offload_param: str) -> str:
+    """The ds_configs/ template for a stage and offload choice (the keys then fill its "auto"s)."""
+    if stage == 3 and "nvme" in (offload_optimizer, offload_param):
+        return "zero3_nvme"
+    if stage == 3 and offload_optimizer == "cpu" and offload_param == "cpu":
+        return "zero3_offload"
+    if stage == 2 and offload_optimizer == "cpu":
+        return "zero2_offload"
+    return f"zero{stage}"
+
+
+def load_template(name: str) -> dict:
+    text = resources.files("bigtrain.ds_configs").joinpath(f"{name}.json").read_text()
     return json.loads(text)
 
 
@@ -151,14 +162,20 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
         "zero_optimization.stage3_prefetch_bucket_size": 5e7,
         "zero_optimization.stage3_param_persistence_threshold": 1e5,
     }
-    conf = _fill(load_template(ds.zero_stage), values)
+    for kind in ("optimizer", "param"):
+        values[f"zero_optimization.offload_{kind}.pin_memory"] = not on_cpu
+        values[f"zero_optimization.offload_{kind}.nvme_path"] = ds.nvme_path
+    conf = _fill(load_template(template_name(ds.zero_stage, ds.offload_optimizer, ds.offload_param)), values)
     zo = conf["zero_optimization"]
     for kind, key in (("optimizer", ds.offload_optimizer), ("param", ds.offload_param)):
-        if key != "none":
-            entry: dict[str, Any] = {"device": key, "pin_memory": not on_cpu}
+        if key == "none":
+            zo.pop(f"offload_{kind}", None)
+        else:
+            entry = zo.setdefault(f"offload_{kind}", {})
+            entry["device"] = key
+            entry.setdefault("pin_memory", not on_cpu)
             if key == "nvme":
-                entry["nvme_path"] = ds.nvme_path
-            zo[f"offload_{kind}"] = entry
+                entry.setdefault("nvme_path", ds.nvme_path)
     if on_cpu and ds.offload_optimizer == "none":
         # On CPU, DeepSpeed's FusedAdam is a JIT-compiled op; torch's AdamW is the same math.
         conf["optimizer"]["params"]["torch_adam"] = True
