@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bigtrain.config import split_config_args
 from bigtrain.errors import UserError
 
 
@@ -19,19 +20,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
-
-
-def _split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
-    """`[CONFIG.yaml] [key=value ...]` -> (config path or None, overrides)."""
-    config, overrides = None, []
-    for i, item in enumerate(items):
-        if "=" not in item and i == 0:
-            config = item
-        elif "=" not in item:
-            raise UserError(f"unexpected argument '{item}': overrides look like key=value, and only the first argument may be a config file")
-        else:
-            overrides.append(item)
-    return config, overrides
 
 
 def _config_help() -> str:
@@ -113,7 +101,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from bigtrain.config import check_batch, load_config, where_of
     from bigtrain.launch import relaunch, under_launcher
 
-    config, overrides = _split_config_args(ns.args)
+    config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
     if ns.resume is not None and ns.resume != "auto" and not Path(ns.resume).exists():
         raise UserError(f"--resume: {ns.resume} does not exist (use --resume auto or a checkpoint path)")
@@ -167,7 +155,7 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
     from bigtrain.engine import setup_accelerator
 
     setup_accelerator()
-    config, overrides = _split_config_args(ns.args)
+    config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
     prepared = prepare(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
     meta = TokenBlocks(prepared.train_path).meta

@@ -423,6 +423,19 @@ def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
     return global_batch
 
 
+def split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
+    """`[CONFIG.yaml] [key=value ...]` from the command line -> (config path or None, overrides)."""
+    config, overrides = None, []
+    for i, item in enumerate(items):
+        if "=" not in item and i == 0:
+            config = item
+        elif "=" not in item:
+            raise UserError(f"unexpected argument '{item}': overrides look like key=value, and only the first argument may be a config file")
+        else:
+            overrides.append(item)
+    return config, overrides
+
+
 def load_config(path: Optional[str], overrides: list[str]) -> Config:
     """Merge a YAML file and `key=value` overrides into a validated `Config`."""
     raw: dict = {}

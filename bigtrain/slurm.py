@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from bigtrain.config import split_config_args
 from bigtrain.errors import UserError
 
 TEMPLATES = {
@@ -87,18 +88,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def _split_config_args(items: list[str]) -> tuple[Optional[str], list[str]]:
-    config, overrides = None, []
-    for i, item in enumerate(items):
-        if "=" not in item and i == 0:
-            config = item
-        elif "=" not in item:
-            raise UserError(f"unexpected argument '{item}': overrides look like key=value, and only the first argument may be a config file")
-        else:
-            overrides.append(item)
-    return config, overrides
 
 
 def _check_text(name: str, value: str) -> str:
@@ -174,7 +163,7 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
     """The job script for these arguments, and its log directory."""
     from bigtrain.config import check_batch, load_config, where_of
 
-    config, overrides = _split_config_args(list(args.args))
+    config, overrides = split_config_args(list(args.args))
     cfg = load_config(config, overrides)
 
     if args.nodes < 1:
