@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("out", metavar="OUT_DIR")
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    e.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file, e.g. 500MB or 5GB (default 5GB)")
 
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("model_dir", metavar="MODEL_DIR")
@@ -129,13 +130,25 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return run_training(cfg, ns.resume, ns.overwrite)
 
 
+def parse_size(text: str, what: str) -> int:
+    """'500MB', '5GB', '1.5GiB' or a plain byte count -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"{what} {text!r}: expected a size such as 500MB or 5GB")
+    base = 1024 if (m.group(3) or "").lower() == "ib" else 1000
+    power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * base**power)
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from bigtrain.engine import setup_accelerator
 
     setup_accelerator()
     from bigtrain.export import export
 
-    out = export(ns.src, ns.out, overwrite=ns.overwrite)
+    out = export(ns.src, ns.out, overwrite=ns.overwrite, max_shard_bytes=parse_size(ns.max_shard_size, "--max-shard-size"))
     print(out)
     return 0
 

@@ -1,17 +1,29 @@
-"""Export a bigtrain checkpoint (any ZeRO stage) as a Hugging Face model directory."""
+"""Export a bigtrain checkpoint (any ZeRO stage) as a Hugging Face model directory.
+
+Memory: the weights are written shard by shard. For ZeRO checkpoints DeepSpeed's
+`zero_to_fp32` reads the partitioned fp32 master weights lazily (memory-mapped; ZeRO-3
+parameters are gathered from the ranks' partitions one tensor at a time), and bigtrain
+materialises only the tensors of the shard being written, then frees them. The model is never
+built with real weights and never held twice: the key check runs on a meta-device model.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from bigtrain.checkpoint import read_state, resolve_checkpoint
 from bigtrain.errors import UserError
 
+DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # the Hugging Face default, "5GB"
 
-def consolidated_state_dict(ckpt: Path) -> dict:
-    """Full fp32 weights from a DeepSpeed checkpoint directory."""
+
+def lazy_state_dict(ckpt: Path) -> dict:
+    """name -> tensor, or DeepSpeed's lazy GatheredTensor (`.contiguous()` materialises it)."""
     import torch
 
     state = read_state(ckpt)
@@ -19,38 +31,119 @@ def consolidated_state_dict(ckpt: Path) -> dict:
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise UserError(f"{ckpt}: no mp_rank_*_model_states.pt: not a complete DeepSpeed checkpoint")
-        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in sd.items()}
+        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
 
 
-def export(src: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write config.json, model.safetensors and the tokenizer of checkpoint `src` into `out_dir`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def model_class_for(config):
+    """The transformers class named by the config's `architectures` (the task's head)."""
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def _expected_keys(config) -> tuple[set, set, str]:
+    """(state-dict keys, keys tied to another weight, class name), from a meta-device model."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_class_for(config).from_config(config)
+    keys = set(model.state_dict().keys())
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
+    # transformers drops tied copies when saving; do the same so loading gives one shared tensor.
+    tied |= {k for k in keys if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    return keys, tied, type(model).__name__
+
+
+def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy split in key order: a new shard starts when the next tensor would pass max_bytes."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _nbytes(t) -> int:
+    import math
+
+    return math.prod(t.shape) * 4  # written as fp32
+
+
+def write_weights(lazy: dict, names: list[str], out: Path, max_shard_bytes: int) -> list[Path]:
+    """Write `names` from `lazy` as fp32 safetensors shards (+ the index when there are several)."""
+    import torch
+    from safetensors.torch import save_file
+
+    plan = _shards({n: _nbytes(lazy[n]) for n in names}, max_shard_bytes)
+    files = ["model.safetensors"] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    weight_map, total = {}, 0
+    for fname, keys in zip(files, plan):
+        shard = {}
+        for k in keys:
+            t = lazy[k].contiguous()
+            shard[k] = (t.float() if t.is_floating_point() else t).clone()  # own storage: no shared or mmap'd views
+            total += shard[k].numel() * shard[k].element_size()
+            weight_map[k] = fname
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        del shard, t
+        gc.collect()
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [out / f for f in files]
+
+
+def iter_checkpoint_files(hf: Path) -> Iterator[Path]:
+    for f in sorted(hf.iterdir()):
+        if f.is_file() and f.name != "config.json":
+            yield f
+
+
+def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write config.json, the weights (fp32 safetensors, sharded) and the tokenizer of `src` into `out_dir`.
+
+    Everything is written to a temporary sibling directory first and renamed into place, so an
+    interrupted export never leaves a half-written model where the old one was.
+    """
+    from transformers import AutoConfig
 
     ckpt = resolve_checkpoint(src, what="export")
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
     hf = ckpt / "hf"
     config = AutoConfig.from_pretrained(str(hf))
-    sd = consolidated_state_dict(ckpt)
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | {k for k in missing if k.endswith("lm_head.weight")}
-    missing = [k for k in missing if k not in tied]
+    lazy = lazy_state_dict(ckpt)
+    expected, tied, arch = _expected_keys(config)
+    missing = sorted(expected - set(lazy) - tied)
+    unexpected = sorted(set(lazy) - expected)
     if missing or unexpected:
         raise UserError(f"export: checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.tie_weights()
+    names = [k for k in lazy if k not in tied]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    for f in hf.iterdir():
-        if f.is_file() and f.name != "config.json":
+    try:
+        write_weights(lazy, names, tmp, max_shard_bytes)
+        del lazy
+        config.architectures, config.dtype = [arch], "float32"  # what the weights are
+        config.save_pretrained(str(tmp))
+        for f in iter_checkpoint_files(hf):
             shutil.copy2(f, tmp / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
     return out

@@ -159,6 +159,8 @@ def test_override_syntax_and_cli_usage(capsys):
     assert_one_error(code, err, "--nproc")
     code, err = run_main(capsys, ["export"])
     assert_one_error(code, err, "export")
+    code, err = run_main(capsys, ["export", "run", "out", "--max-shard-size", "lots"])
+    assert_one_error(code, err, "--max-shard-size")
     code, err = run_main(capsys, ["train", "missing.yaml"])
     assert_one_error(code, err, "missing.yaml")
 
