@@ -2,7 +2,8 @@
 # GPU check of bigtrain's Triton attention, in one run of under 8 minutes on one H200:
 #   1. pytest -m gpu tests/kernels       (kernel vs float64 reference in fp16/bf16, determinism, dropout)
 #   2. bigtrain bench attention          (TFLOP/s table, OUTDIR/attention_bench.json + .png)
-#   3. a 50-step bigtrain training run with model.attn_implementation=bigtrain_triton
+#   3. a 50-step bigtrain training run with model.attn_implementation=bigtrain_triton (bf16),
+#      then a 30-step fp16 run (loss scaling; skipped steps logged)
 # and records the GPU name and torch/triton/transformers versions in OUTDIR/env.json.
 #
 # Usage: bench/gpu_check.sh OUTDIR            (from anywhere; PYTHON=python3 by default)
@@ -98,6 +99,14 @@ else
   rc=$?
   echo "rc=$rc" > "$OUT/train_status.txt"
   [[ $rc -ne 0 ]] && { stamp "training run FAILED (rc=$rc)"; status=1; }
+  # fp16 (DeepSpeed refuses it on CPU): dynamic loss scaling; the first steps usually overflow at
+  # the initial scale 2^16, and every skipped step must appear in metrics.jsonl with its scale.
+  stamp "3b/3 fp16 training run (skipped steps -> OUTDIR/train_fp16/metrics.jsonl)"
+  timeout 120 "$PY" -m bigtrain train model.preset=tiny train.max_steps=30 \
+    deepspeed.precision=fp16 output_dir="$OUT/train_fp16" --overwrite
+  rc=$?
+  echo "rc=$rc skipped_steps=$(grep -c skipped_step "$OUT/train_fp16/metrics.jsonl" 2>/dev/null)" > "$OUT/train_fp16_status.txt"
+  [[ $rc -ne 0 ]] && { stamp "fp16 training run FAILED (rc=$rc)"; status=1; }
 fi
 
 rm -rf "$STAGE"

@@ -82,7 +82,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer_dir: Path, keep_last: int) -> Path:
+def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_last: int) -> Path:
     """Save on every rank (DeepSpeed checkpoints are collective)."""
     import torch
     import torch.distributed as dist
@@ -95,9 +95,9 @@ def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer_dir: P
         hf = ckpt / "hf"
         hf.mkdir(exist_ok=True)
         hf_config.save_pretrained(str(hf))
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy2(f, hf / f.name)
+        # The tokenizer object, not its source directory: a pretrained model's directory also
+        # holds its weights, which must never travel into the checkpoint or the export.
+        tokenizer.save_pretrained(str(hf))
         # Written last: a checkpoint without trainer_state.json is never picked for resume.
         (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=1))
     dist.barrier()
@@ -106,9 +106,28 @@ def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer_dir: P
     return ckpt
 
 
+BEST_POINTER = "best.json"
+
+
+def read_best(root: Path) -> Optional[dict]:
+    """The best evaluation's checkpoint ({"tag", "metric", "value", "step"}), if one was recorded."""
+    p = root / BEST_POINTER
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def write_best(root: Path, best: dict) -> None:
+    tmp = root / (BEST_POINTER + ".tmp")
+    tmp.write_text(json.dumps(best))
+    tmp.replace(root / BEST_POINTER)
+
+
 def prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last checkpoints, never the best one."""
     found = list_checkpoints(root)
+    best = (read_best(root) or {}).get("tag")
     for old in found[: max(0, len(found) - keep_last)]:
+        if old.name == best:
+            continue
         shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(old.parent / (old.name + "_universal"), ignore_errors=True)
 

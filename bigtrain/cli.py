@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     e.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file, e.g. 500MB or 5GB (default 5GB)")
 
+    ev = sub.add_parser("eval", help="evaluate an exported model (any task) on a file: metrics printed and written as JSON",
+                        description="Evaluate MODEL_DIR on data.valid_files (else data.train_files). The task and labels come from the model.")
+    ev.add_argument("model_dir", metavar="MODEL_DIR")
+    ev.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML config and/or dotted overrides (data.valid_files=FILE, ...)")
+    ev.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default MODEL_DIR/eval_results.json)")
+
+    pr = sub.add_parser("predict", help="label a file with a classify or token_classify model")
+    pr.add_argument("model_dir", metavar="MODEL_DIR")
+    pr.add_argument("--input", required=True, metavar="FILE", help="tsv/csv/jsonl texts (classify) or CoNLL tokens (token_classify); labels, if present, are ignored")
+    pr.add_argument("--output", metavar="FILE", help="default: standard output")
+    pr.add_argument("--format", choices=("tsv", "csv", "jsonl", "conll"), help="input format (default: from the extension)")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
+
     g = sub.add_parser("generate", help="sample text from an exported model")
     g.add_argument("model_dir", metavar="MODEL_DIR")
     g.add_argument("--prompt", required=True)
@@ -140,6 +154,30 @@ def parse_size(text: str, what: str) -> int:
     base = 1024 if (m.group(3) or "").lower() == "ib" else 1000
     power = "KMGT".index(m.group(2).upper()) + 1 if m.group(2) else 0
     return int(float(m.group(1)) * base**power)
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from bigtrain.config import load_config
+    from bigtrain.engine import setup_accelerator
+
+    config, overrides = split_config_args(ns.args)
+    cfg = load_config(config, overrides)
+    setup_accelerator()
+    from bigtrain.inference import evaluate_model
+
+    evaluate_model(ns.model_dir, cfg, ns.output, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    if ns.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {ns.batch_size}")
+    from bigtrain.engine import setup_accelerator
+
+    setup_accelerator()
+    from bigtrain.inference import predict_file
+
+    return predict_file(ns.model_dir, ns.input, ns.output, ns.format, ns.batch_size, ns.on_bad_rows, log=lambda *a: print(*a, file=sys.stderr, flush=True))
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
@@ -234,6 +272,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_export(ns)
         if ns.verb == "generate":
             return cmd_generate(ns)
+        if ns.verb == "eval":
+            return cmd_eval(ns)
+        if ns.verb == "predict":
+            return cmd_predict(ns)
         if ns.verb == "data":
             if ns.data_verb != "prepare":
                 raise UserError("bigtrain data: expected a verb: prepare (see 'bigtrain data --help')")

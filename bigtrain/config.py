@@ -24,7 +24,9 @@ import yaml
 
 from bigtrain.errors import UserError
 
-TASKS = ("clm",)
+TASKS = ("clm", "mlm", "classify", "token_classify")
+LABELED_TASKS = ("classify", "token_classify")
+LABELED_FORMATS = ("tsv", "csv", "jsonl", "conll")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OFFLOAD = ("none", "cpu", "nvme")
 ATTN = ("auto", "bigtrain_triton", "sdpa", "eager")
@@ -61,6 +63,14 @@ class DataConfig:
     sample_by: str = "document"
     text_field: str = "text"
     on_decode_error: str = "error"
+    # classify / token_classify: file format (tsv, csv, jsonl, conll; None: from the extension)
+    # and what to do with a malformed row (error: stop at it; skip: skip, count and report).
+    format: Optional[str] = None
+    on_bad_rows: str = "error"
+    # mlm: fraction of tokens chosen for prediction (80% [MASK], 10% random, 10% kept), and
+    # whether all subwords of a chosen word are masked together.
+    mlm_probability: float = 0.15
+    whole_word_mask: bool = False
     # Worker processes for tokenization (None: all cores).
     num_proc: Optional[int] = None
     # Where tokenized, packed datasets are cached (None: $BIGTRAIN_CACHE or ~/.cache/bigtrain).
@@ -87,6 +97,9 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 200
     keep_last: int = 2
+    # The evaluation metric that picks the best checkpoint, which is kept and exported
+    # (None: eval_f1 for classify/token_classify, eval_loss otherwise; loss: lower is better).
+    best_metric: Optional[str] = None
     progress: bool = True
     # Print a short generated sample at the end (clm).
     sample_prompt: str = "def "
@@ -354,6 +367,14 @@ def validate(cfg: Config, where_of) -> None:
     _check_choice(cfg.data.mode, ("packed", "line_by_line"), "data.mode", where_of)
     _check_choice(cfg.data.sample_by, ("document", "paragraph", "line"), "data.sample_by", where_of)
     _check_choice(cfg.data.on_decode_error, ("error", "replace"), "data.on_decode_error", where_of)
+    _check_choice(cfg.data.on_bad_rows, ("error", "skip"), "data.on_bad_rows", where_of)
+    if cfg.data.format is not None:
+        _check_choice(cfg.data.format, LABELED_FORMATS, "data.format", where_of)
+    _check_range(cfg.data.mlm_probability, "data.mlm_probability", where_of, lo=0.0, hi=1.0, lo_open=True)
+    best = cfg.train.best_metric
+    allowed = ("eval_loss", "eval_accuracy", "eval_f1") if cfg.task in LABELED_TASKS else ("eval_loss",) + (("eval_accuracy",) if cfg.task == "mlm" else ())
+    if best is not None:
+        _check_choice(best, allowed, "train.best_metric", where_of)
     _check_choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where_of)
     _check_choice(cfg.deepspeed.precision, PRECISIONS, "deepspeed.precision", where_of)
     _check_choice(cfg.deepspeed.offload_optimizer, OFFLOAD, "deepspeed.offload_optimizer", where_of)

@@ -30,11 +30,12 @@ import threading
 import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from bigtrain.errors import UserError
+from bigtrain.tokenizer import separator_id
 
 CACHE_FORMAT = 2  # bump when the cached layout changes
 TEXT_EXTENSIONS = {".txt", ".text", ".md", ".py", ".rst", ".csv", ".tsv", ".c", ".h", ".js", ".html"}
@@ -378,7 +379,7 @@ def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str,
     flat, lengths = _flat_tokens(tok_ds)
     seq = cfg_data.seq_len
     if cfg_data.mode == "packed":
-        ids, segments = pack(flat, lengths, tokenizer.eos_token_id, seq)
+        ids, segments = pack(flat, lengths, separator_id(tokenizer), seq)
         table = pa.table({
             "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq),
             "segment_ids": pa.FixedSizeListArray.from_arrays(pa.array(segments.reshape(-1)), seq),
@@ -474,10 +475,15 @@ def to_model_batch(arrays: dict[str, np.ndarray], pad_id: int):
 
 
 class Prefetcher:
-    """Loads the next steps' batches on a background thread so the model never waits on disk."""
+    """Builds the next steps' batches on a background thread so the model never waits on data.
 
-    def __init__(self, blocks: TokenBlocks, schedule: BatchSchedule, position: int, pad_id: int, depth: int = 2, pin: bool = False) -> None:
-        self.blocks, self.schedule, self.pad_id, self.pin = blocks, schedule, pad_id, pin
+    `make_batch(indices, position)` turns one micro-batch's sample indices (and the position, in
+    samples, of the global batch: per-batch randomness such as MLM masking is seeded from it)
+    into a dict of tensors.
+    """
+
+    def __init__(self, make_batch: Callable[[np.ndarray, int], dict], schedule: BatchSchedule, position: int, depth: int = 2, pin: bool = False) -> None:
+        self.make_batch, self.schedule, self.pin = make_batch, schedule, pin
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._position = position
         self._stop = threading.Event()
@@ -488,7 +494,7 @@ class Prefetcher:
         pos = self._position
         try:
             while not self._stop.is_set():
-                micro = [to_model_batch(self.blocks.take(idx), self.pad_id) for idx in self.schedule.micro_batches(pos)]
+                micro = [self.make_batch(idx, pos) for idx in self.schedule.micro_batches(pos)]
                 if self.pin:
                     micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
                 while not self._stop.is_set():
@@ -521,10 +527,24 @@ class PreparedData:
     valid_path: Optional[Path]  # None: validation is split off the training blocks
 
 
+def resolve_tokenizer_dir(cfg) -> Optional[Path]:
+    """data.tokenizer, else the tokenizer saved with model.from_pretrained, else None (train one)."""
+    from bigtrain.tokenizer import load_tokenizer
+
+    if cfg.data.tokenizer:
+        load_tokenizer(cfg.data.tokenizer)  # fail early on a bad directory
+        return Path(cfg.data.tokenizer)
+    src = cfg.model.from_pretrained
+    if src and any((Path(src) / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        load_tokenizer(src, where="model.from_pretrained")
+        return Path(src)
+    return None
+
+
 def prepare(cfg, log=print) -> PreparedData:
     """Check the data, train or load the tokenizer, tokenize and pack (cached). Idempotent."""
     from bigtrain.config import cache_root
-    from bigtrain.tokenizer import load_tokenizer, train_bpe
+    from bigtrain.tokenizer import load_tokenizer, train_bpe, train_wordpiece
 
     d = cfg.data
     cache = cache_root(cfg)
@@ -538,15 +558,19 @@ def prepare(cfg, log=print) -> PreparedData:
     if replaced:
         log(f"warning: replaced {replaced} undecodable byte(s) with U+FFFD (data.on_decode_error=replace)")
 
-    if d.tokenizer:
-        tok_dir = Path(d.tokenizer)
-        load_tokenizer(tok_dir)  # fail early on a bad directory
-    else:
-        key = hashlib.sha256(json.dumps([content_hash, d.vocab_size, d.text_field, "bpe-v1"]).encode()).hexdigest()[:24]
+    tok_dir = resolve_tokenizer_dir(cfg)
+    if tok_dir is None:
+        kind = "wordpiece-v1" if cfg.task == "mlm" else "bpe-v1"
+        key = hashlib.sha256(json.dumps([content_hash, d.vocab_size, d.text_field, kind]).encode()).hexdigest()[:24]
         tok_dir = cache / "tokenizers" / key
         if not (tok_dir / "tokenizer.json").is_file():
-            log(f"training a byte-level BPE tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
-            train_bpe(iter_document_texts(sources, d.text_field, d.on_decode_error), d.vocab_size, tok_dir)
+            texts = iter_document_texts(sources, d.text_field, d.on_decode_error)
+            if kind.startswith("wordpiece"):
+                log(f"training a WordPiece tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
+                train_wordpiece(texts, d.vocab_size, tok_dir)
+            else:
+                log(f"training a byte-level BPE tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
+                train_bpe(texts, d.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     tok_hash = tokenizer_hash(tok_dir)
     train_path = build_blocks(sources, d, tokenizer, tok_hash, content_hash, cache, log)

@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, Callable, Optional
 
 from bigtrain.config import Config, check_batch, load_user_ds_config, where_of
 from bigtrain.errors import UserError
@@ -216,3 +216,63 @@ def initialize(model, ds_config: dict, weight_decay: float):
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
     return engine
+
+
+class LossScaleFloor(RuntimeError):
+    """fp16 training can no longer make progress: its loss scale is at the minimum and still overflows."""
+
+
+# DeepSpeed's DynamicLossScaler raises a bare Exception with this text when it would go below its minimum.
+DEEPSPEED_MIN_SCALE_MESSAGE = "loss scale already at minimum"
+
+
+def loss_scale_of(engine) -> float:
+    """The current dynamic loss scale of an fp16 engine (FP16_Optimizer, ZeRO 1-3 all expose it)."""
+    return float(engine.optimizer.loss_scale)
+
+
+class LossScaleWatch:
+    """fp16 with DeepSpeed's dynamic loss scaling: see and report every skipped step.
+
+    DeepSpeed skips an optimizer step whose gradients hold inf/NaN, and halves the scale after
+    `hysteresis` such steps in a row; it raises the scale again after `loss_scale_window` clean
+    steps. A skipped step leaves the weights and the LR schedule as they were, so checkpoints
+    around it stay good. Once overflowing steps have driven the scale down to `min_loss_scale`,
+    gradients overflow even unscaled; the next overflow would make DeepSpeed raise. The run has
+    diverged, and bigtrain stops it instead of burning GPU hours, keeping the last checkpoint it
+    wrote (it writes none at that point).
+
+    `read_scale` and `step_applied` are the engine's (`loss_scale_of`, `engine.was_step_applied`);
+    they are parameters so the logic can be tested on CPU, where DeepSpeed refuses fp16.
+    No host synchronisation is added: DeepSpeed already read the overflow flag on the host.
+    """
+
+    def __init__(self, read_scale: Callable[[], float], step_applied: Callable[[], bool], min_scale: float) -> None:
+        self.read_scale = read_scale
+        self.step_applied = step_applied
+        self.min_scale = float(min_scale)
+        self.scale = float(read_scale())
+        self.skipped = 0
+        self.floor_step: Optional[int] = None
+
+    @classmethod
+    def for_engine(cls, engine, ds_config: dict) -> "LossScaleWatch":
+        min_scale = ds_config.get("fp16", {}).get("min_loss_scale", 1)
+        return cls(lambda: loss_scale_of(engine), engine.was_step_applied, min_scale)
+
+    def after_step(self, step: int) -> Optional[dict]:
+        """Call once per optimizer step; returns a metrics record when the step was skipped."""
+        applied = self.step_applied()
+        before, self.scale = self.scale, float(self.read_scale())
+        if applied:
+            return None
+        self.skipped += 1
+        if self.scale <= self.min_scale:
+            self.floor_step = step  # overflowing steps brought it to the floor: nothing left to lower
+        return {"step": step, "skipped_step": True, "reason": "fp16 overflow", "loss_scale_before": before, "loss_scale": self.scale}
+
+    def floor_message(self, step: int) -> str:
+        return (
+            f"fp16 loss scale fell to its minimum ({self.min_scale:g}) at step {step} after overflowing steps "
+            f"({self.skipped} skipped in this run): the loss has diverged in fp16"
+        )

@@ -61,10 +61,11 @@ class ModelShape:
 def model_shape(cfg) -> ModelShape:
     """Count parameters on the meta device and read the shape from a transformers config."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    encoder = cfg.model_type in ("bert", "roberta")
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = (AutoModelForMaskedLM if encoder else AutoModelForCausalLM).from_config(cfg)
     params = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     mt = cfg.model_type
@@ -75,6 +76,15 @@ def model_shape(cfg) -> ModelShape:
             hidden=h, heads=heads, kv_dim=h, intermediate=cfg.n_inner or 4 * h, vocab=cfg.vocab_size,
             positions=cfg.n_positions, dropout=max(cfg.resid_pdrop, cfg.embd_pdrop) > 0,
             gelu_new=cfg.activation_function == "gelu_new",
+        )
+    if encoder:
+        # BERT/RoBERTa: the GPT-2 layer (LayerNorms, exact GeLU MLP, dropout), post-norm.
+        h, heads = cfg.hidden_size, cfg.num_attention_heads
+        return ModelShape(
+            model_type="gpt2", params=params, largest_layer_params=largest, layers=cfg.num_hidden_layers,
+            hidden=h, heads=heads, kv_dim=h, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
+            positions=cfg.max_position_embeddings, dropout=max(cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) > 0,
+            gelu_new=False,
         )
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
@@ -305,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="offload optimizer states (ZeRO>=1) and, under ZeRO-3, parameters (default none)")
     parser.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=1, metavar="G", help="GPUs per node (default 1)")
-    parser.add_argument("--seq-len", type=int, default=1024, metavar="L", help="tokens per sequence (default 1024)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per sequence (default 1024, or the model's positions if fewer)")
     parser.add_argument("--micro-batch", type=int, default=1, metavar="B", help="sequences per GPU per step (default 1)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in the backward")
     parser.add_argument("--precision", default="bf16", metavar="P", help="fp32, fp16 or bf16 (default bf16)")
@@ -361,11 +371,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--preset: unknown preset '{args.preset}'{hint}; presets: {', '.join(PRESETS)}")
     # Check every flag before building the model, so a typo costs nothing.
     model_states(1, 1, args.zero, args.offload, args.nodes, args.gpus_per_node, args.precision)
-    if args.seq_len < 1:
+    if args.seq_len is not None and args.seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {args.micro_batch}")
     shape = preset_shape(args.preset)
+    if args.seq_len is None:
+        args.seq_len = min(1024, shape.positions or 1024)
     r = estimate(shape, zero=args.zero, offload=args.offload, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                  seq_len=args.seq_len, micro_batch=args.micro_batch, checkpointing=args.activation_checkpointing,
                  precision=args.precision)

@@ -37,23 +37,20 @@ def lazy_state_dict(ckpt: Path) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
 
 
-def model_class_for(config):
-    """The transformers class named by the config's `architectures` (the task's head)."""
-    import transformers
+def model_class_for(config, task: str | None = None):
+    """The transformers Auto class of the checkpoint's task (from trainer_state.json, else from
+    the config's `architectures`)."""
+    from bigtrain.models import auto_class, task_of_architecture
 
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
+    return auto_class(task or task_of_architecture(config))
 
 
-def _expected_keys(config) -> tuple[set, set, str]:
+def _expected_keys(config, task: str | None = None) -> tuple[set, set, str]:
     """(state-dict keys, keys tied to another weight, class name), from a meta-device model."""
     import torch
 
     with torch.device("meta"):
-        model = model_class_for(config).from_config(config)
+        model = model_class_for(config, task).from_config(config)
     keys = set(model.state_dict().keys())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if getattr(config, "tie_word_embeddings", False) else set()
     # transformers drops tied copies when saving; do the same so loading gives one shared tensor.
@@ -104,9 +101,13 @@ def write_weights(lazy: dict, names: list[str], out: Path, max_shard_bytes: int)
     return [out / f for f in files]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".index.json")
+
+
 def iter_checkpoint_files(hf: Path) -> Iterator[Path]:
+    """The tokenizer (and other small) files saved with a checkpoint; never weights."""
     for f in sorted(hf.iterdir()):
-        if f.is_file() and f.name != "config.json":
+        if f.is_file() and f.name != "config.json" and not f.name.endswith(WEIGHT_SUFFIXES):
             yield f
 
 
@@ -125,7 +126,7 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     hf = ckpt / "hf"
     config = AutoConfig.from_pretrained(str(hf))
     lazy = lazy_state_dict(ckpt)
-    expected, tied, arch = _expected_keys(config)
+    expected, tied, arch = _expected_keys(config, read_state(ckpt).get("task"))
     missing = sorted(expected - set(lazy) - tied)
     unexpected = sorted(set(lazy) - expected)
     if missing or unexpected:

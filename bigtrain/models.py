@@ -16,6 +16,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
     "gpt2-large": dict(model_type="gpt2", n_layer=36, n_head=20, n_embd=1280, n_positions=1024),
     "gpt2-xl": dict(model_type="gpt2", n_layer=48, n_head=25, n_embd=1600, n_positions=1024),
+    # BERT-style encoders (task=mlm, classify, token_classify). bert-tiny is Google's 2-layer,
+    # 128-wide BERT shape; base and large as in the BERT paper; roberta-base as in RoBERTa.
+    "bert-tiny": dict(model_type="bert", num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512, max_position_embeddings=512),
+    "bert-base": dict(model_type="bert", num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512),
+    "bert-large": dict(model_type="bert", num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512),
+    "roberta-base": dict(model_type="roberta", num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                         max_position_embeddings=514, type_vocab_size=1),
     # Llama 3.2 1B shape.
     "llama-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -24,7 +31,37 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 # The vocabulary of the original GPT-2 / Llama 3 tokenizers (used when no tokenizer is known).
-PRESET_VOCAB = {"gpt2": 50257, "llama": 128256}
+PRESET_VOCAB = {"gpt2": 50257, "llama": 128256, "bert": 30522, "roberta": 50265}
+ENCODER_TYPES = ("bert", "roberta")
+
+# The transformers head of each task.
+TASK_HEADS = {
+    "clm": "AutoModelForCausalLM",
+    "mlm": "AutoModelForMaskedLM",
+    "classify": "AutoModelForSequenceClassification",
+    "token_classify": "AutoModelForTokenClassification",
+}
+
+
+def auto_class(task: str):
+    """The transformers Auto class that builds `task`'s model."""
+    import transformers
+
+    return getattr(transformers, TASK_HEADS[task])
+
+
+def task_of_architecture(config) -> str:
+    """Which task an exported model was trained for, from its config's architectures."""
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "classify"
+        if arch.endswith("ForTokenClassification"):
+            return "token_classify"
+        if arch.endswith("ForMaskedLM"):
+            return "mlm"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "clm"
+    return "clm"
 
 
 def preset_config(name: str, overrides: dict, vocab_size: int | None, where: str = "model.preset", special_ids: dict | None = None):

@@ -1,4 +1,4 @@
-"""Tokenizers: train a byte-level BPE with the `tokenizers` library, load a local one.
+"""Tokenizers: train a byte-level BPE (GPT-style) or a WordPiece (BERT-style) with the `tokenizers` library, load a local one.
 
 A trained tokenizer is saved as a transformers `PreTrainedTokenizerFast` directory, so the
 exported model directory loads with `AutoTokenizer.from_pretrained(DIR)`.
@@ -35,6 +35,37 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    return _save_atomically(fast, out_dir)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike, lowercase: bool = True) -> Path:
+    """Train a BERT-style WordPiece (the `tokenizers` library's BERT pipeline) and save it atomically.
+
+    Special tokens as in BERT: [PAD]=0, [UNK], [CLS], [SEP], [MASK]; inputs are wrapped as
+    `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` with token type ids, as BERT models expect.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    return _save_atomically(fast, out_dir)
+
+
+def _save_atomically(fast, out_dir) -> Path:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tok-", dir=out.parent))
@@ -44,6 +75,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
     else:
         os.replace(tmp, out)
     return out
+
+
+def separator_id(tok) -> int:
+    """The token that separates packed documents: EOS, or [SEP] for BERT-style tokenizers."""
+    return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
 
 
 def load_tokenizer(path: str | os.PathLike, where: str = "data.tokenizer"):
@@ -56,8 +92,8 @@ def load_tokenizer(path: str | os.PathLike, where: str = "data.tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(p))
     except Exception as e:  # noqa: BLE001 - any load failure is a bad directory
         raise UserError(f"{where}: cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if tok.eos_token_id is None:
-        raise UserError(f"{where}: tokenizer in {path} has no EOS token, which packing needs to separate documents")
+    if tok.eos_token_id is None and tok.sep_token_id is None:
+        raise UserError(f"{where}: tokenizer in {path} has neither an EOS nor a [SEP] token, which packing needs to separate documents")
     if tok.pad_token_id is None:
         # GPT-2-style tokenizers have no pad token; padding positions are masked out of the loss.
         tok.pad_token = tok.eos_token

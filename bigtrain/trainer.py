@@ -24,18 +24,32 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from bigtrain import checkpoint as ckpt_io
-from bigtrain.config import Config, dump_yaml, where_of
+from bigtrain import tasks
+from bigtrain.config import LABELED_TASKS, Config, dump_yaml, where_of
 from bigtrain.data import BatchSchedule, Prefetcher, TokenBlocks, prepare, split_indices, to_model_batch
-from bigtrain.engine import build_ds_config, dist_env, init_distributed, initialize, precision_of, setup_accelerator
+from bigtrain.engine import (
+    DEEPSPEED_MIN_SCALE_MESSAGE,
+    LossScaleWatch,
+    build_ds_config,
+    dist_env,
+    init_distributed,
+    initialize,
+    precision_of,
+    setup_accelerator,
+)
 from bigtrain.errors import UserError
 from bigtrain.metrics import MetricsWriter, plot_loss_curve
-from bigtrain.models import count_parameters, load_pretrained_config, position_limit, preset_config
+from bigtrain.models import auto_class, count_parameters, load_pretrained_config, position_limit, preset_config
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
 # Exit code of a run stopped by SIGUSR1/SIGTERM or its time limit after saving a checkpoint
 # (EX_TEMPFAIL: "try again"): job scripts requeue on it.
 PREEMPTED_EXIT_CODE = 75
+# Exit code of a run that diverged (fp16 loss scale at its floor): not worth requeueing as is.
+DIVERGED_EXIT_CODE = 3
 
 
 class StopSignal:
@@ -155,25 +169,41 @@ class Trainer:
 
         # Data: rank 0 checks, tokenizes and packs (cached) before joining the process group, so
         # bad data ends the job before any collective; the other ranks wait in the rendezvous
-        # and then load the cache.
-        if rank == 0:
+        # and then load the cache. Labeled files (classify, token_classify) are small: every
+        # rank reads and checks them before the rendezvous.
+        self.labeled = cfg.task in LABELED_TASKS
+        if self.labeled:
+            self.prepared = tasks.prepare_labeled(cfg, log=lambda *a: log0(rank, *a))
+        elif rank == 0:
             self.prepared = prepare(cfg, log=lambda *a: log0(rank, *a))
-            if overwrite and self.resume_from is None:
-                for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json"):
-                    p = self.output_dir / name
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if rank == 0 and overwrite and self.resume_from is None:
+            for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json", "eval_report.txt"):
+                p = self.output_dir / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         init_distributed(self.on_cpu, cfg.deepspeed.timeout_minutes)
         self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", self.env.local_rank)
-        if rank != 0:
+        if rank != 0 and not self.labeled:
             self.prepared = prepare(cfg, log=lambda *a: None)
         from bigtrain.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(self.prepared.tokenizer_dir)
-        self.train_blocks = TokenBlocks(self.prepared.train_path)
-        self.valid_blocks = TokenBlocks(self.prepared.valid_path) if self.prepared.valid_path else self.train_blocks
-        train_idx, valid_idx = split_indices(len(self.train_blocks), cfg.data.valid_fraction, cfg.train.seed, self.prepared.valid_path is not None)
-        if self.prepared.valid_path is not None:
-            valid_idx = split_indices(len(self.valid_blocks), 0, 0, True)[0]
+        self.masker = tasks.MLMMasker(self.tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed) if cfg.task == "mlm" else None
+        if self.labeled:
+            self.label_names = self.prepared.names
+            label2id = {n: i for i, n in enumerate(self.label_names)}
+            self.train_set = tasks.tokenize_examples(cfg.task, self.prepared.train, self.tokenizer, label2id, cfg.data.seq_len)
+            train_idx, valid_idx = split_indices(len(self.train_set), cfg.data.valid_fraction, cfg.train.seed, bool(self.prepared.valid))
+            if self.prepared.valid:
+                self.valid_set = tasks.tokenize_examples(cfg.task, self.prepared.valid, self.tokenizer, label2id, cfg.data.seq_len)
+                valid_idx = np.arange(len(self.valid_set))
+            else:
+                self.valid_set = self.train_set
+        else:
+            self.train_blocks = TokenBlocks(self.prepared.train_path)
+            self.valid_blocks = TokenBlocks(self.prepared.valid_path) if self.prepared.valid_path else self.train_blocks
+            train_idx, valid_idx = split_indices(len(self.train_blocks), cfg.data.valid_fraction, cfg.train.seed, self.prepared.valid_path is not None)
+            if self.prepared.valid_path is not None:
+                valid_idx = split_indices(len(self.valid_blocks), 0, 0, True)[0]
         self.valid_indices = valid_idx
 
         # Model.
@@ -184,6 +214,9 @@ class Trainer:
 
         # Engine: DeepSpeed owns optimizer, LR schedule, precision, ZeRO and clipping.
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay)
+        # fp16: every overflow-skipped step logged with its loss scale; stop when the scale bottoms out.
+        self.loss_scale_watch = LossScaleWatch.for_engine(self.engine, self.ds_config) if self.precision == "fp16" else None
+        self.diverged: Optional[str] = None
 
         self.schedule = BatchSchedule(train_idx, self.global_batch, cfg.train.micro_batch_size, self.env.world_size, rank, cfg.train.seed)
         self.step, self.samples_seen = 0, 0
@@ -196,6 +229,11 @@ class Trainer:
                     f"this run has {self.global_batch}; keep micro_batch_size x grad_accum x world_size the same"
                 )
             log0(rank, f"resumed from {self.resume_from} at step {self.step} ({self.samples_seen} samples seen)")
+        # The best evaluation so far (kept and exported for classify/token_classify, or when
+        # train.best_metric is set): its checkpoint is never pruned.
+        self.best_metric = cfg.train.best_metric or (tasks.default_best_metric(cfg.task) if self.labeled else None)
+        self.best = ckpt_io.read_best(self.output_dir / "checkpoints") if self.resume_from is not None else None
+        self.best_report: Optional[str] = None
         self.stop = StopSignal()
         self.preempted = False
         self.metrics = MetricsWriter(self.output_dir, rank == 0, resume_step=self.step if self.resume_from else None)
@@ -206,7 +244,8 @@ class Trainer:
             rank,
             f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self.n_params / 1e6:.2f}M parameters), "
             f"world size {self.env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
-            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {len(train_idx)} training blocks",
+            f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {len(train_idx)} training "
+            + (f"examples, {len(self.label_names)} labels" if self.labeled else "blocks"),
         )
 
     # ------------------------------------------------------------------ components
@@ -219,6 +258,7 @@ class Trainer:
             from bigtrain.models import apply_overrides
 
             apply_overrides(hf, cfg.model.config)
+            vocab = max(vocab, getattr(hf, "vocab_size", vocab))  # a pretrained embedding may be larger
         else:
             # Round the vocabulary up to a multiple of 64: faster matmuls, same model.
             tok = self.tokenizer
@@ -229,6 +269,10 @@ class Trainer:
         limit = position_limit(hf)
         if limit is not None and cfg.data.seq_len > limit:
             raise UserError(f"{where_of(cfg, 'data.seq_len')}: data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
+        if self.labeled:
+            hf.num_labels = len(self.label_names)
+            hf.id2label = dict(enumerate(self.label_names))
+            hf.label2id = {n: i for i, n in enumerate(self.label_names)}
         hf.use_cache = False
         hf.eos_token_id = self.tokenizer.eos_token_id
         hf.bos_token_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
@@ -247,16 +291,12 @@ class Trainer:
         if choice != "auto":
             return bool(choice)
         import torch
-        from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(self.hf_config).parameters())
+            n = sum(p.numel() for p in auto_class(self.cfg.task).from_config(self.hf_config).parameters())
         return n > 1_000_000_000
 
     def _build_model(self):
-        import deepspeed
-        from transformers import AutoModelForCausalLM
-
         attn = self.attn_implementation
         if attn == "bigtrain_triton":
             import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
@@ -264,9 +304,8 @@ class Trainer:
         # Import the model's module (and torch._dynamo, which transformers' masking pulls in)
         # before zero.Init patches tensor construction: importing them inside it fails.
         import torch._dynamo  # noqa: F401
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(self.hf_config)]
+        head = auto_class(self.cfg.task)
+        head._model_mapping[type(self.hf_config)]
         if stage3 and self._use_zero_init():
             # transformers' ZeRO-3 integration: from_config/from_pretrained create the parameters
             # partitioned (deepspeed.zero.Init) and gather them for weight init and loading.
@@ -275,11 +314,13 @@ class Trainer:
 
             self._hf_deepspeed_config = HfDeepSpeedConfig(self.ds_config)
         if self.cfg.model.from_pretrained:
-            model = AutoModelForCausalLM.from_pretrained(self.cfg.model.from_pretrained, config=self.hf_config, attn_implementation=attn)
+            # A new task head (e.g. a classifier on a pretrained encoder or GPT) starts at random;
+            # a head of another size (other labels) is replaced.
+            model = head.from_pretrained(self.cfg.model.from_pretrained, config=self.hf_config, attn_implementation=attn, ignore_mismatched_sizes=self.labeled)
             if model.get_input_embeddings().weight.shape[0] < len(self.tokenizer):
                 model.resize_token_embeddings(len(self.tokenizer))
         else:
-            model = AutoModelForCausalLM.from_config(self.hf_config, attn_implementation=attn)
+            model = head.from_config(self.hf_config, attn_implementation=attn)
         if self.cfg.deepspeed.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
@@ -290,14 +331,27 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def _forward(self, batch: dict):
+        return self._forward_outputs(batch).loss
+
+    def _forward_outputs(self, batch: dict):
         segment_ids = batch.pop("segment_ids", None)
-        if segment_ids is not None and self.attn_implementation == "bigtrain_triton":
+        if segment_ids is not None and self.attn_implementation == "bigtrain_triton" and self.cfg.task == "clm":
             # Packed documents: the fused kernel masks attention per document. transformers
             # forwards the keyword to the attention function; an all-ones attention_mask keeps
             # it from inferring packing from position ids (the slow dense path).
             batch["segment_ids"] = segment_ids
             batch.setdefault("attention_mask", torch_ones_like(batch["input_ids"]))
-        return self.engine(**batch).loss
+        return self.engine(**batch)
+
+    def make_batch(self, indices, position: int) -> dict:
+        """One micro-batch of tensors from sample indices (runs on the prefetch thread)."""
+        if self.labeled:
+            return self.train_set.batch(indices)
+        batch = to_model_batch(self.train_blocks.take(indices), self.tokenizer.pad_token_id)
+        if self.masker is not None:
+            batch.pop("segment_ids", None)
+            batch = self.masker(batch, position * 1_000_003 + int(indices[0]) if len(indices) else position)
+        return batch
 
     def train(self) -> dict:
         import torch
@@ -306,13 +360,18 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         rank = self.env.rank
         tokens_per_step = self.global_batch * cfg.data.seq_len
-        loader = Prefetcher(self.train_blocks, self.schedule, self.samples_seen, self.tokenizer.pad_token_id, pin=not self.on_cpu)
+        loader = Prefetcher(self.make_batch, self.schedule, self.samples_seen, pin=not self.on_cpu)
         bar = None
         if rank == 0 and t.progress:
             from tqdm import tqdm
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         pending: list = []  # per-step losses on the device, read back only at log time
+
+        def say(message: str) -> None:  # a log line on rank 0 that leaves the progress bar intact
+            if rank == 0:
+                (bar.write if bar is not None else print)(message, file=sys.stderr)
+
         last_log_time, last_log_step = time.perf_counter(), self.step
         self.engine.train()
         self.stop.install()
@@ -322,21 +381,37 @@ class Trainer:
                 micro_batches = loader.next()
                 step_lr = self.engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (no sync)
                 step_loss = torch.zeros((), device=self.device)
-                for batch in micro_batches:
-                    loss = self._forward(self._to_device(batch))
-                    self.engine.backward(loss)
-                    self.engine.step()
-                    step_loss += loss.detach().float()
-                self.step += 1
-                self.samples_seen += self.global_batch
+                this_step = self.step + 1
+                try:
+                    for batch in micro_batches:
+                        loss = self._forward(self._to_device(batch))
+                        self.engine.backward(loss)
+                        self.engine.step()
+                        step_loss += loss.detach().float()
+                    self.step += 1
+                    self.samples_seen += self.global_batch
+                    skipped = self.loss_scale_watch.after_step(self.step) if self.loss_scale_watch is not None else None
+                except Exception as e:  # DeepSpeed's own stop at the loss-scale floor is a bare Exception
+                    if DEEPSPEED_MIN_SCALE_MESSAGE not in str(e):
+                        raise
+                    self.diverged = f"fp16 loss scale is at its minimum and step {this_step} overflowed again (DeepSpeed: {e})"
+                    break
                 pending.append(step_loss / len(micro_batches))
                 if bar is not None:
                     bar.update(1)
+                if skipped is not None:
+                    self.metrics.write(skipped)
+                    say(f"step {self.step}: fp16 gradients overflowed, step skipped; loss scale {skipped['loss_scale_before']:g} -> {skipped['loss_scale']:g}")
+                    if self.loss_scale_watch.floor_step is not None:
+                        self.diverged = self.loss_scale_watch.floor_message(self.step)
+                if self.diverged:  # stop here, without saving over the last good checkpoint
+                    losses = self._reduce_losses(pending)  # keep the losses up to the stop in metrics.jsonl
+                    for i, value in enumerate(losses):
+                        self.metrics.write({"step": self.step - len(losses) + 1 + i, "loss": value, "lr": step_lr})
+                    break
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     # One collective for all steps since the last log: no per-step host sync.
-                    losses = torch.stack(pending)
-                    dist.all_reduce(losses, op=dist.ReduceOp.SUM)
-                    losses = (losses / self.env.world_size).tolist()
+                    losses = self._reduce_losses(pending)
                     now = time.perf_counter()
                     tok_s = tokens_per_step * (self.step - last_log_step) / max(now - last_log_time, 1e-9)
                     lr = step_lr
@@ -349,10 +424,17 @@ class Trainer:
                         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     pending.clear()
                     last_log_time, last_log_step = now, self.step
+                improved = False
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     last_eval = self.evaluate()
-                if self.step % t.save_every == 0 or self.step == t.max_steps:
-                    self.save()
+                    improved = self._is_best(last_eval)
+                if self.step % t.save_every == 0 or self.step == t.max_steps or improved:
+                    ckpt = self.save()
+                    if improved:
+                        self.best = {"tag": ckpt.name, "metric": self.best_metric, "value": last_eval[self.best_metric], "step": self.step,
+                                     "eval_loss": last_eval.get("eval_loss")}
+                        if rank == 0:
+                            ckpt_io.write_best(self.output_dir / "checkpoints", self.best)
                 elif self.stop.should_stop(self.device):
                     # Preemption or the job's time limit: finish here with a checkpoint, on all ranks.
                     ckpt = self.save()
@@ -365,10 +447,22 @@ class Trainer:
                 bar.close()
         return last_eval or {}
 
+    def _reduce_losses(self, pending: list) -> list[float]:
+        """Mean over ranks of the per-step losses held on the device (one collective)."""
+        import torch
+        import torch.distributed as dist
+
+        if not pending:
+            return []
+        losses = torch.stack(pending)
+        dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+        return (losses / self.env.world_size).tolist()
+
     @property
     def state(self) -> dict:
         return {
             "step": self.step,
+            "task": self.cfg.task,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "global_batch": self.global_batch,
@@ -380,12 +474,27 @@ class Trainer:
 
     def save(self) -> Path:
         return ckpt_io.save(
-            self.engine, self.output_dir / "checkpoints", self.state, self.env.rank, self.hf_config, self.prepared.tokenizer_dir, self.cfg.train.keep_last
+            self.engine, self.output_dir / "checkpoints", self.state, self.env.rank, self.hf_config, self.tokenizer, self.cfg.train.keep_last
         )
 
+    def _is_best(self, record: dict) -> bool:
+        report = record.pop("_report", None)
+        if not self.best_metric or self.best_metric not in record:
+            return False
+        old = self.best["value"] if self.best else None
+        tie = old is not None and record[self.best_metric] == old
+        # On a tie (accuracy 1.0 twice, say) the lower evaluation loss wins.
+        if not (tasks.metric_is_better(self.best_metric, record[self.best_metric], old) or (tie and record.get("eval_loss", math.inf) < self.best.get("eval_loss", math.inf))):
+            return False
+        self.best_report = report
+        return True
+
     def evaluate(self) -> dict:
-        """Mean next-token loss over the validation blocks (same number of batches on every rank)."""
-        import numpy as np
+        return self._evaluate_labeled() if self.labeled else self._evaluate_lm()
+
+    def _evaluate_lm(self) -> dict:
+        """Mean loss over the validation blocks (same number of batches on every rank); for mlm,
+        masked with a fixed seed so every evaluation sees the same masks, plus masked accuracy."""
         import torch
         import torch.distributed as dist
 
@@ -393,24 +502,73 @@ class Trainer:
             return {}
         micro, world, rank = self.cfg.train.micro_batch_size, self.env.world_size, self.env.rank
         n_batches = max(1, min(self.cfg.train.eval_batches, math.ceil(len(self.valid_indices) / (micro * world))))
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss x targets, targets, correct
         self.engine.eval()
         with torch.no_grad():
             for b in range(n_batches):
                 pos = (b * world + rank) * micro + np.arange(micro)
                 idx = self.valid_indices[pos % len(self.valid_indices)]
-                batch = self._to_device(to_model_batch(self.valid_blocks.take(idx), self.tokenizer.pad_token_id))
-                n_targets = (batch["labels"][:, 1:] != -100).sum()
-                loss = self._forward(batch)
-                totals[0] += loss.double() * n_targets
+                batch = to_model_batch(self.valid_blocks.take(idx), self.tokenizer.pad_token_id)
+                if self.masker is not None:
+                    batch.pop("segment_ids", None)
+                    batch = self.masker(batch, -1 - int(pos[0]))  # eval masks: fixed, apart from training's
+                batch = self._to_device(batch)
+                labels = batch["labels"]
+                targets = labels[:, 1:] if self.masker is None else labels
+                n_targets = (targets != -100).sum()
+                out = self._forward_outputs(batch)
+                totals[0] += out.loss.double() * n_targets
                 totals[1] += n_targets
+                if self.masker is not None:
+                    hit = (out.logits.argmax(-1) == labels) & (labels != -100)
+                    totals[2] += hit.sum()
         self.engine.train()
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         eval_loss = (totals[0] / totals[1]).item()
         record = {"step": self.step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 700))}
+        if self.masker is not None:
+            record["eval_accuracy"] = (totals[2] / totals[1]).item()
         self.metrics.write(record)
-        log0(rank, f"step {self.step}: validation loss {eval_loss:.4f}, perplexity {record['eval_ppl']:.2f}")
+        extra = f", masked-token accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else ""
+        log0(rank, f"step {self.step}: validation loss {eval_loss:.4f}, perplexity {record['eval_ppl']:.2f}{extra}")
         return record
+
+    def _evaluate_labeled(self) -> dict:
+        """Every validation example once over all ranks; predictions gathered, scored on each rank."""
+        import torch
+        import torch.distributed as dist
+
+        if len(self.valid_indices) == 0:
+            return {}
+        micro, world, rank = self.cfg.train.micro_batch_size, self.env.world_size, self.env.rank
+        gold: list = []
+        pred: list = []
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.engine.eval()
+        with torch.no_grad():
+            for chunk in tasks.rank_slices(len(self.valid_indices), micro, world, rank):
+                real = chunk >= 0
+                idx = self.valid_indices[np.where(real, chunk, 0)]
+                batch = self._to_device(self.valid_set.batch(idx))
+                out = self._forward_outputs(dict(batch))
+                g, p = tasks.predictions(self.cfg.task, out.logits.float(), batch["labels"])
+                keep = real.tolist()
+                gold += [x for x, k in zip(g, keep) if k]
+                pred += [x for x, k in zip(p, keep) if k]
+                n = float(real.sum())
+                loss_sum[0] += out.loss.double() * n
+                loss_sum[1] += n
+        self.engine.train()
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (gold, pred))
+        gold = [x for g, _ in gathered for x in g]
+        pred = [x for _, p in gathered for x in p]
+        metrics, report = tasks.score(self.cfg.task, gold, pred, self.label_names)
+        record = {"step": self.step, "eval_loss": (loss_sum[0] / loss_sum[1]).item(), **metrics}
+        self.metrics.write(record)
+        log0(rank, f"step {self.step}: validation loss {record['eval_loss']:.4f}, accuracy {record['eval_accuracy']:.4f}, f1 {record['eval_f1']:.4f}")
+        return {**record, "_report": report}
 
     def finish(self, sample: bool = True) -> Optional[Path]:
         """Rank 0: export the final model, plot the loss curve, print a sample."""
@@ -428,12 +586,19 @@ class Trainer:
         if self.env.rank == 0:
             from bigtrain.export import export
 
-            model_dir = export(self.output_dir / "checkpoints", self.output_dir / "model", overwrite=True)
+            src = self.output_dir / "checkpoints"
+            if self.best is not None and (src / self.best["tag"]).is_dir():
+                src = src / self.best["tag"]
+                log0(0, f"best {self.best['metric']} {self.best['value']:.4f} at step {self.best['step']}: exporting {src}")
+            model_dir = export(src, self.output_dir / "model", overwrite=True)
+            if self.best_report:
+                (self.output_dir / "eval_report.txt").write_text(self.best_report + "\n")
+                log0(0, f"evaluation of the exported model (step {self.best['step']}):\n{self.best_report}")
             png = plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
             log0(0, f"model: {model_dir}")
             if png:
                 log0(0, f"loss curve: {png}")
-            if sample and self.cfg.train.sample_tokens > 0:
+            if sample and self.cfg.task == "clm" and self.cfg.train.sample_tokens > 0:
                 from bigtrain.generate import generate
 
                 text = generate(model_dir, self.cfg.train.sample_prompt, max_new_tokens=self.cfg.train.sample_tokens, temperature=0.8, top_k=40, seed=self.cfg.train.seed)
@@ -443,13 +608,24 @@ class Trainer:
 
 
 def run_training(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite)
+    return run_trainer(Trainer(cfg, resume=resume, overwrite=overwrite))
+
+
+def run_trainer(trainer: Trainer) -> int:
+    """Train, then export; the exit code says how it ended (0, preempted, diverged)."""
+    cfg = trainer.cfg
     if trainer.step >= cfg.train.max_steps:
         log0(trainer.env.rank, f"nothing to do: the checkpoint is at step {trainer.step} >= train.max_steps={cfg.train.max_steps}")
     result = trainer.train()
     if trainer.preempted:
         return PREEMPTED_EXIT_CODE
-    if result:
+    if trainer.diverged:
+        trainer.metrics.close()
+        last = ckpt_io.latest_checkpoint(trainer.output_dir / "checkpoints")
+        kept = f"the last good checkpoint is {last} (nothing was saved after it)" if last else "no checkpoint was written before it"
+        log0(trainer.env.rank, f"error: training stopped: {trainer.diverged}; {kept}. Try deepspeed.precision=bf16 or a lower train.lr, then --resume auto.")
+        return DIVERGED_EXIT_CODE
+    if result and "eval_ppl" in result:
         log0(trainer.env.rank, f"final validation loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
     trainer.finish()
     return 0

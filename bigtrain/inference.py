@@ -1,0 +1,174 @@
+"""`bigtrain eval` and `bigtrain predict`: an exported model directory on a file, in one process.
+
+The task comes from the model's config (`architectures`: ...ForSequenceClassification ->
+classify, ...ForTokenClassification -> token_classify, ...ForMaskedLM -> mlm, else clm), the
+label names from its `id2label`. No DeepSpeed: the model is loaded whole with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from bigtrain import tasks
+from bigtrain.errors import UserError
+
+
+def load_model_dir(model_dir: str):
+    """(task, model in eval mode, tokenizer, label names or None) of an exported model directory."""
+    from transformers import AutoConfig
+
+    from bigtrain.models import auto_class, task_of_architecture
+    from bigtrain.tokenizer import load_tokenizer
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{model_dir}: not a model directory (no config.json); give a bigtrain export such as RUN_DIR/model")
+    config = AutoConfig.from_pretrained(str(p))
+    task = task_of_architecture(config)
+    tokenizer = load_tokenizer(p, where="MODEL_DIR")
+    model = auto_class(task).from_pretrained(str(p))
+    model.eval()
+    names = None
+    if task in ("classify", "token_classify"):
+        names = [config.id2label[i] for i in range(config.num_labels)]
+    return task, model, tokenizer, names
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print) -> dict:
+    """Metrics of MODEL_DIR on data.valid_files (else data.train_files); printed and written as JSON."""
+    import torch
+
+    task, model, tokenizer, names = load_model_dir(model_dir)
+    files = cfg.data.valid_files or cfg.data.train_files
+    device = _device()
+    model.to(device)
+    micro = cfg.train.micro_batch_size
+    if task in ("classify", "token_classify"):
+        if len(files) != 1:
+            raise UserError(f"data.valid_files: bigtrain eval reads one labeled file; got {len(files)}")
+        examples = tasks.read_examples(task, str(files[0]), cfg.data.format, cfg.data.on_bad_rows, log)
+        from bigtrain.labeled import check_known_labels
+
+        check_known_labels(examples, names, str(files[0]))
+        data = tasks.tokenize_examples(task, examples, tokenizer, {n: i for i, n in enumerate(names)}, cfg.data.seq_len)
+        gold, pred, loss_sum = [], [], 0.0
+        with torch.no_grad():
+            for start in range(0, len(data), micro):
+                idx = list(range(start, min(start + micro, len(data))))
+                batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+                out = model(**batch)
+                g, p = tasks.predictions(task, out.logits.float(), batch["labels"])
+                gold += g
+                pred += p
+                loss_sum += out.loss.item() * len(idx)
+        metrics, report = tasks.score(task, gold, pred, names)
+        result = {"task": task, "file": str(files[0]), "examples": len(data), "eval_loss": loss_sum / len(data), **metrics}
+    else:
+        from bigtrain.data import TokenBlocks, prepare, to_model_batch
+
+        cfg.task = task
+        cfg.data.tokenizer = str(model_dir)
+        cfg.data.train_files = list(files)
+        cfg.data.valid_files = None
+        prepared = prepare(cfg, log=log)
+        blocks = TokenBlocks(prepared.train_path)
+        n = min(len(blocks), cfg.train.eval_batches * micro)
+        masker = tasks.MLMMasker(tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed) if task == "mlm" else None
+        loss_sum, targets, correct = 0.0, 0, 0
+        with torch.no_grad():
+            for start in range(0, n, micro):
+                batch = to_model_batch(blocks.take(np.arange(start, min(start + micro, n))), tokenizer.pad_token_id)
+                batch.pop("segment_ids", None)
+                if masker is not None:
+                    batch = masker(batch, -1 - start)
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch["labels"]
+                t = int(((labels[:, 1:] if masker is None else labels) != -100).sum())
+                out = model(**batch)
+                loss_sum += out.loss.item() * t
+                targets += t
+                if masker is not None:
+                    correct += int(((out.logits.argmax(-1) == labels) & (labels != -100)).sum())
+        loss = loss_sum / max(targets, 1)
+        result = {"task": task, "files": [str(f) for f in files], "blocks": n, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+        if masker is not None:
+            result["eval_accuracy"] = correct / max(targets, 1)
+        report = "\n".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float))
+    out_path = Path(output) if output else Path(model_dir) / "eval_results.json"
+    _write_atomically(out_path, json.dumps(result, indent=1) + "\n")
+    print(report)
+    print(json.dumps(result))
+    log(f"metrics written to {out_path}")
+    return result
+
+
+def predict_file(model_dir: str, input_path: str, output: Optional[str], fmt: Optional[str], batch_size: int, on_bad_rows: str, log=print) -> int:
+    """classify: `label<TAB>probability` per input row; token_classify: `token<TAB>label` lines, a
+    blank line between sentences. Input rows may carry a label (it is ignored) or not."""
+    import torch
+
+    task, model, tokenizer, names = load_model_dir(model_dir)
+    if task not in ("classify", "token_classify"):
+        raise UserError(f"{model_dir}: bigtrain predict is for classify and token_classify models; this one is {task} (use bigtrain generate or eval)")
+    examples = tasks.read_examples(task, input_path, fmt, on_bad_rows, log, require_label=False)
+    limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
+    data = tasks.tokenize_examples(task, examples, tokenizer, None, limit)
+    device = _device()
+    model.to(device)
+    lines: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            idx = list(range(start, min(start + batch_size, len(data))))
+            batch = {k: v.to(device) for k, v in data.batch(idx).items() if k != "labels"}
+            logits = model(**batch).logits.float()
+            if task == "classify":
+                probs = logits.softmax(-1)
+                best = probs.argmax(-1)
+                lines += [f"{names[int(b)]}\t{float(probs[j, b]):.6f}" for j, b in enumerate(best)]
+                continue
+            enc_pred = logits.argmax(-1).tolist()
+            for j, i in enumerate(idx):
+                ex = examples[i]
+                words = _first_subword_positions(tokenizer, ex.tokens, limit)
+                for w, token in enumerate(ex.tokens):
+                    pos = words.get(w)
+                    lines.append(f"{token}\t{names[enc_pred[j][pos]] if pos is not None else 'O'}")
+                lines.append("")
+    text = "\n".join(lines) + ("\n" if lines and lines[-1] != "" else "")
+    if output:
+        _write_atomically(Path(output), text)
+        log(f"{len(examples)} predictions written to {output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _first_subword_positions(tokenizer, words: list[str], limit: int) -> dict[int, int]:
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=limit)
+    first: dict[int, int] = {}
+    for pos, w in enumerate(enc.word_ids()):
+        if w is not None and w not in first:
+            first[w] = pos
+    return first
