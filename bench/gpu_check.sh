@@ -4,6 +4,7 @@
 #   2. bigtrain bench attention          (TFLOP/s table, OUTDIR/attention_bench.json + .png)
 #   3. a 50-step bigtrain training run with model.attn_implementation=bigtrain_triton (bf16),
 #      then a 30-step fp16 run (loss scaling; skipped steps logged)
+#   4. bigtrain bench train: tokens/s, MFU and peak memory for llama-1b and gpt2-xl (bf16, seq 2048)
 # and records the GPU name and torch/triton/transformers versions in OUTDIR/env.json.
 #
 # Usage: bench/gpu_check.sh OUTDIR            (from anywhere; PYTHON=python3 by default)
@@ -40,6 +41,19 @@ if [[ -n "${WHEELS:-}" ]]; then
 fi
 
 STAGE="$OUT/.stage"
+# 4. training throughput and MFU on one GPU (bf16, seq 2048, bigtrain_triton): gpt2-xl and llama-1b.
+stamp "4/4 bigtrain bench train (gpt2-xl, llama-1b; bf16, seq_len 2048, bigtrain_triton)"
+if [[ -f "$OUT/train_status.txt" ]] && ! grep -q absent "$OUT/train_status.txt"; then
+  for preset in llama-1b gpt2-xl; do
+    timeout 240 "$PY" -m bigtrain bench train model.preset=$preset data.seq_len=2048 deepspeed.precision=bf16 \
+      model.attn_implementation=bigtrain_triton train.micro_batch_size=4 deepspeed.activation_checkpointing=false \
+      --steps 10 --warmup 3 --json "$OUT/bench_train_$preset.json"
+    rc=$?; [[ $rc -ne 0 ]] && { stamp "bench train $preset FAILED (rc=$rc)"; status=1; }
+  done
+else
+  stamp "SKIPPED: needs the training dependencies (see step 3)"
+fi
+
 rm -rf "$STAGE" && mkdir -p "$STAGE"
 cp -r "$REPO/bigtrain" "$STAGE/bigtrain"
 cp -r "$REPO/kernels" "$STAGE/bigtrain/kernels"
@@ -107,6 +121,19 @@ else
   rc=$?
   echo "rc=$rc skipped_steps=$(grep -c skipped_step "$OUT/train_fp16/metrics.jsonl" 2>/dev/null)" > "$OUT/train_fp16_status.txt"
   [[ $rc -ne 0 ]] && { stamp "fp16 training run FAILED (rc=$rc)"; status=1; }
+fi
+
+# 4. training throughput and MFU on one GPU (bf16, seq 2048, bigtrain_triton): gpt2-xl and llama-1b.
+stamp "4/4 bigtrain bench train (gpt2-xl, llama-1b; bf16, seq_len 2048, bigtrain_triton)"
+if [[ -f "$OUT/train_status.txt" ]] && ! grep -q absent "$OUT/train_status.txt"; then
+  for preset in llama-1b gpt2-xl; do
+    timeout 240 "$PY" -m bigtrain bench train model.preset=$preset data.seq_len=2048 deepspeed.precision=bf16 \
+      model.attn_implementation=bigtrain_triton train.micro_batch_size=4 deepspeed.activation_checkpointing=false \
+      --steps 10 --warmup 3 --json "$OUT/bench_train_$preset.json"
+    rc=$?; [[ $rc -ne 0 ]] && { stamp "bench train $preset FAILED (rc=$rc)"; status=1; }
+  done
+else
+  stamp "SKIPPED: needs the training dependencies (see step 3)"
 fi
 
 rm -rf "$STAGE"

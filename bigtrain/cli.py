@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
         ba.set_defaults(bench_run=bench_attention.run)
     except ImportError:
         pass
+    try:
+        from bigtrain.bench import data as bench_data
+
+        bd = bsub.add_parser("data", help="tokenize and pack N MB of the standard library: bigtrain vs transformers' run_clm recipe, tokens/s")
+        bench_data.add_arguments(bd)
+        bd.set_defaults(bench_run=bench_data.run)
+    except ImportError:
+        pass
+    from bigtrain.bench import train as bench_train
+
+    bt = bsub.add_parser("train", help="training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside",
+                         description=(bench_train.__doc__ or "").split("\n\n")[0])
+    bench_train.add_arguments(bt)
+    bt.set_defaults(bench_run=bench_train.run)
     return p
 
 

@@ -73,6 +73,8 @@ def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print)
 
         check_known_labels(examples, names, str(files[0]))
         data = tasks.tokenize_examples(task, examples, tokenizer, {n: i for i, n in enumerate(names)}, cfg.data.seq_len)
+        if not hasattr(model.config, "type_vocab_size"):
+            data.token_type_ids = None
         gold, pred, loss_sum = [], [], 0.0
         with torch.no_grad():
             for start in range(0, len(data), micro):
@@ -135,6 +137,8 @@ def predict_file(model_dir: str, input_path: str, output: Optional[str], fmt: Op
     examples = tasks.read_examples(task, input_path, fmt, on_bad_rows, log, require_label=False)
     limit = min(getattr(model.config, "max_position_embeddings", 512) or 512, 512)
     data = tasks.tokenize_examples(task, examples, tokenizer, None, limit)
+    if not hasattr(model.config, "type_vocab_size"):
+        data.token_type_ids = None
     device = _device()
     model.to(device)
     lines: list[str] = []

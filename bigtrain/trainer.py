@@ -208,6 +208,9 @@ class Trainer:
 
         # Model.
         self.hf_config = self._model_config()
+        if self.labeled and not hasattr(self.hf_config, "type_vocab_size"):
+            # Only BERT-family models take token type ids (a Llama forward would reject them).
+            self.train_set.token_type_ids = self.valid_set.token_type_ids = None
         torch.manual_seed(cfg.train.seed)
         self.model = self._build_model()
         self.n_params = count_parameters(self.model)
@@ -236,6 +239,9 @@ class Trainer:
         self.best_report: Optional[str] = None
         self.stop = StopSignal()
         self.preempted = False
+        # `bigtrain bench train` switches these on: a per-step timer, and no eval/save/stop checks.
+        self.timer = None
+        self.bench = False
         self.metrics = MetricsWriter(self.output_dir, rank == 0, resume_step=self.step if self.resume_from else None)
         if rank == 0:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -377,16 +383,25 @@ class Trainer:
         self.stop.install()
         last_eval = None
         try:
+            timer = self.timer
             while self.step < t.max_steps:
                 micro_batches = loader.next()
+                if timer is not None:
+                    timer.mark("data")
                 step_lr = self.engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (no sync)
                 step_loss = torch.zeros((), device=self.device)
                 this_step = self.step + 1
                 try:
                     for batch in micro_batches:
                         loss = self._forward(self._to_device(batch))
+                        if timer is not None:
+                            timer.mark("forward")
                         self.engine.backward(loss)
+                        if timer is not None:
+                            timer.mark("backward")
                         self.engine.step()
+                        if timer is not None:
+                            timer.mark("step")
                         step_loss += loss.detach().float()
                     self.step += 1
                     self.samples_seen += self.global_batch
@@ -399,6 +414,9 @@ class Trainer:
                 pending.append(step_loss / len(micro_batches))
                 if bar is not None:
                     bar.update(1)
+                if self.bench:
+                    timer.end_step()
+                    continue
                 if skipped is not None:
                     self.metrics.write(skipped)
                     say(f"step {self.step}: fp16 gradients overflowed, step skipped; loss scale {skipped['loss_scale_before']:g} -> {skipped['loss_scale']:g}")
@@ -565,7 +583,7 @@ class Trainer:
         gold = [x for g, _ in gathered for x in g]
         pred = [x for _, p in gathered for x in p]
         metrics, report = tasks.score(self.cfg.task, gold, pred, self.label_names)
-        record = {"step": self.step, "eval_loss": (loss_sum[0] / loss_sum[1]).item(), **metrics}
+        record = {"step": self.step, "eval_loss": (loss_sum[0] / loss_sum[1]).item(), **metrics, "eval_examples": len(gold)}
         self.metrics.write(record)
         log0(rank, f"step {self.step}: validation loss {record['eval_loss']:.4f}, accuracy {record['eval_accuracy']:.4f}, f1 {record['eval_f1']:.4f}")
         return {**record, "_report": report}

@@ -1,0 +1,353 @@
+"""`bigtrain bench train`: training throughput, step-time split, memory and MFU, optionally side by
+side with transformers' Trainer on the same model, data, batch, precision and DeepSpeed config.
+
+Each measurement runs in its own process (so peak memory is that side's alone), and with
+`--compare hf` the two sides alternate A B A B for `--rounds` rounds, so drift in a noisy
+machine hits both alike; the ratio is of median step times, with its spread over rounds.
+
+FLOP convention (stated in the output): per token, 6 x parameters (forward 2, backward 4) plus
+attention's 12 x layers x hidden x seq_len (QK^T and AV, forward and backward), not halved for
+causal masking. MFU = achieved FLOP/s / the device's peak: a table of GPUs (H100/H200 SXM 989
+TFLOP/s dense bf16, A100 312), `--peak-tflops` to override; on CPU the peak is this machine's
+measured fp32 matmul throughput (say so when quoting it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from bigtrain.errors import UserError
+
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+FLOP_FORMULA = "6 x params + 12 x layers x hidden x seq_len FLOPs per token (attention not halved for causal)"
+NO_EVAL = 1 << 40
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class StepTimer:
+    """Splits each optimizer step into data wait, forward, backward and optimizer step.
+
+    `mark(name)` charges the time since the previous mark to `name`; on CUDA it synchronises
+    first, which costs a little throughput: the benchmark pays it, training (timer None) does not.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.steps: list[dict] = []
+        self._current: dict = {}
+        self._last = time.perf_counter()
+
+    def _now(self) -> float:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = self._now()
+        self._current[name] = self._current.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def end_step(self) -> None:
+        self.mark("other")
+        self._current["total"] = sum(self._current.values())
+        self.steps.append(self._current)
+        self._current = {}
+
+
+def peak_memory_bytes(cuda: bool) -> int:
+    if cuda:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def flops_per_token(n_params: int, hf_config, seq_len: int) -> float:
+    layers = getattr(hf_config, "n_layer", None) or hf_config.num_hidden_layers
+    hidden = getattr(hf_config, "n_embd", None) or hf_config.hidden_size
+    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+
+
+def device_peak_flops(cuda: bool, override_tflops: Optional[float]) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from)."""
+    if override_tflops:
+        return override_tflops * 1e12, "--peak-tflops"
+    if cuda:
+        import torch
+
+        name = torch.cuda.get_device_name()
+        for key, tf in PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12, f"{name}: {tf:g} TFLOP/s dense bf16 (table)"
+        raise UserError(f"bench train: no peak FLOP/s known for {name}; pass --peak-tflops")
+    import torch
+
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 4)
+    return 2 * 1024**3 / best, f"CPU: measured fp32 1024x1024 matmul ({torch.get_num_threads()} threads)"
+
+
+# --------------------------------------------------------------------------- the two sides
+
+
+def _bench_config(config_path: str, steps: int, warmup: int):
+    from bigtrain.config import load_config
+
+    cfg = load_config(config_path, [])
+    cfg.train.max_steps = warmup + steps
+    cfg.train.eval_every = cfg.train.save_every = cfg.train.log_every = NO_EVAL
+    cfg.train.progress = False
+    cfg.train.sample_tokens = 0
+    return cfg
+
+
+def run_bigtrain(config_path: str, steps: int, warmup: int) -> dict:
+    """bigtrain's own Trainer: the real loop, with the step timer switched on."""
+    from bigtrain.trainer import Trainer
+
+    cfg = _bench_config(config_path, steps, warmup)
+    trainer = Trainer(cfg, overwrite=True)
+    cuda = trainer.device.type == "cuda"
+    trainer.timer = StepTimer(cuda)
+    trainer.bench = True
+    trainer.train()
+    return {
+        "side": "bigtrain", "steps": trainer.timer.steps[warmup:], "peak_memory_bytes": peak_memory_bytes(cuda),
+        "params": trainer.n_params, "hf_config": trainer.hf_config.to_dict(), "tokens_per_step": trainer.global_batch * cfg.data.seq_len,
+        "world_size": trainer.env.world_size, "precision": trainer.precision, "cuda": cuda,
+    }
+
+
+def run_hf(config_path: str, steps: int, warmup: int) -> dict:
+    """transformers' Trainer on the same model, data, batch, precision and DeepSpeed config."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from bigtrain.data import TokenBlocks, prepare, split_indices
+    from bigtrain.engine import build_ds_config, dist_env, precision_of, setup_accelerator
+    from bigtrain.models import preset_config
+    from bigtrain.tokenizer import load_tokenizer
+
+    cfg = _bench_config(config_path, steps, warmup)
+    on_cpu = setup_accelerator()
+    env = dist_env()
+    prepared = prepare(cfg, log=lambda *a: None)
+    tok = load_tokenizer(prepared.tokenizer_dir)
+    blocks = TokenBlocks(prepared.train_path)
+    train_idx, _ = split_indices(len(blocks), cfg.data.valid_fraction, cfg.train.seed, prepared.valid_path is not None)
+    ds_config = build_ds_config(cfg, env.world_size, on_cpu)
+    precision = precision_of(ds_config)
+    # Values the HF Trainer also sets from its arguments become "auto" so it fills them itself
+    # (from the same numbers, given below); everything else is bigtrain's config, unchanged.
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
+        ds_config[key] = "auto"
+    ds_config["optimizer"]["params"].update(lr="auto", betas="auto", weight_decay="auto")
+    ds_config["scheduler"]["params"].update(total_num_steps="auto", warmup_num_steps="auto")
+    for k in ("bf16", "fp16"):
+        ds_config.setdefault(k, {})["enabled"] = "auto"
+    ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    hf_config = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((len(tok) + 63) // 64) * 64, special_ids=ids)
+    hf_config.use_cache = False
+    torch.manual_seed(cfg.train.seed)
+    attn = cfg.model.attn_implementation if cfg.model.attn_implementation != "auto" else ("sdpa" if on_cpu else "bigtrain_triton")
+    if attn == "bigtrain_triton":
+        import bigtrain.kernels  # noqa: F401
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(train_idx)
+
+        def __getitem__(self, i: int) -> dict:
+            ids = torch.from_numpy(blocks.take(np.array([train_idx[i]]))["input_ids"][0].astype(np.int64))
+            return {"input_ids": ids, "labels": ids}
+
+    cuda = not on_cpu
+    step_times: list[float] = []
+
+    class Timing(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = None
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if self.last is not None:
+                step_times.append(now - self.last)
+            self.last = now
+
+    out = tempfile.mkdtemp(prefix="bigtrain-bench-hf-")
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=out, deepspeed=ds_config, per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.beta1, adam_beta2=t.beta2, max_grad_norm=t.grad_clip,
+        max_steps=t.max_steps, warmup_steps=max(1, min(t.warmup_steps, t.max_steps - 1)), bf16=precision == "bf16", fp16=precision == "fp16",
+        logging_steps=NO_EVAL, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        seed=t.seed, use_cpu=on_cpu, gradient_checkpointing=cfg.deepspeed.activation_checkpointing,
+    )
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Timing()]).train()
+    # Step k's time is measured end to end (data included), as bigtrain's "total".
+    return {
+        "side": "hf", "steps": [{"total": s} for s in step_times[max(0, warmup - 1):]], "peak_memory_bytes": peak_memory_bytes(cuda),
+        "params": n_params, "tokens_per_step": t.micro_batch_size * t.grad_accum * env.world_size * cfg.data.seq_len,
+        "world_size": env.world_size, "precision": precision, "cuda": cuda,
+    }
+
+
+def worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="bigtrain.bench.train worker")
+    p.add_argument("side", choices=("bigtrain", "hf"))
+    p.add_argument("config")
+    p.add_argument("steps", type=int)
+    p.add_argument("warmup", type=int)
+    p.add_argument("out")
+    a = p.parse_args(argv)
+    result = (run_bigtrain if a.side == "bigtrain" else run_hf)(a.config, a.steps, a.warmup)
+    Path(a.out).write_text(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="the training config to measure (as for bigtrain train)")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per round (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="steps run before measuring, each round (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="with --compare hf: A B rounds (default 3)")
+    p.add_argument("--compare", choices=("hf",), help="also run transformers' Trainer on the same config, alternating")
+    p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: table of GPUs; CPU: measured matmul)")
+    p.add_argument("--json", metavar="FILE", help="write the results as one JSON object")
+
+
+def _run_side(side: str, config_path: str, steps: int, warmup: int, workdir: Path) -> dict:
+    out = workdir / f"{side}-{time.monotonic_ns()}.json"
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "bigtrain.bench.train", side, config_path, str(steps), str(warmup), str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not out.exists():
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-15:])
+        raise UserError(f"bench train: the {side} run failed (exit {r.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(results: list[dict]) -> dict:
+    steps = [s["total"] for r in results for s in r["steps"]]
+    med = _median(steps)
+    r0 = results[0]
+    tokens = r0["tokens_per_step"]
+    out = {
+        "median_step_s": med, "tokens_per_s": tokens / med, "tokens_per_s_per_device": tokens / med / r0["world_size"],
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in results), "params": r0["params"],
+        "round_medians_s": [_median([s["total"] for s in r["steps"]]) for r in results],
+    }
+    split_keys = [k for k in ("data", "forward", "backward", "step", "other") if k in r0["steps"][0]] if r0["steps"] else []
+    if split_keys:
+        total = sum(s["total"] for r in results for s in r["steps"])
+        out["split"] = {k: sum(s.get(k, 0.0) for r in results for s in r["steps"]) / total for k in split_keys}
+    return out
+
+
+def run(ns: argparse.Namespace) -> int:
+    from bigtrain.config import dump_yaml, load_config, split_config_args
+    from bigtrain.engine import setup_accelerator
+
+    for name, value, lo in (("--steps", ns.steps, 1), ("--warmup", ns.warmup, 1), ("--rounds", ns.rounds, 1)):
+        if value < lo:
+            raise UserError(f"{name} must be >= {lo}, got {value}")
+    if ns.peak_tflops is not None and ns.peak_tflops <= 0:
+        raise UserError(f"--peak-tflops must be > 0, got {ns.peak_tflops}")
+    config, overrides = split_config_args(ns.args)
+    cfg = load_config(config, overrides)
+    if cfg.task != "clm":
+        raise UserError(f"bench train measures task=clm (the transformers Trainer comparison is for causal LM); got task={cfg.task}")
+    on_cpu = setup_accelerator()
+    workdir = Path(tempfile.mkdtemp(prefix="bigtrain-bench-"))
+    cfg.output_dir = str(workdir / "run")
+    config_path = workdir / "config.yaml"
+    config_path.write_text(dump_yaml(cfg))
+    from bigtrain.data import prepare
+
+    prepare(cfg, log=lambda *a: print(*a, file=sys.stderr))  # tokenize once, outside the timings
+    peak, peak_source = device_peak_flops(not on_cpu, ns.peak_tflops)
+    rounds = ns.rounds if ns.compare else 1
+    ours: list[dict] = []
+    theirs: list[dict] = []
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}: bigtrain ...", file=sys.stderr, flush=True)
+        ours.append(_run_side("bigtrain", str(config_path), ns.steps, ns.warmup, workdir))
+        if ns.compare:
+            print(f"round {r + 1}/{rounds}: transformers Trainer ...", file=sys.stderr, flush=True)
+            theirs.append(_run_side("hf", str(config_path), ns.steps, ns.warmup, workdir))
+    a = summarize(ours)
+    from transformers import AutoConfig
+
+    hf_config = dict(ours[0]["hf_config"])
+    hf_cfg = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    fpt = flops_per_token(a["params"], hf_cfg, cfg.data.seq_len)
+    a["tflops"] = fpt * a["tokens_per_s"] / 1e12
+    a["mfu"] = fpt * a["tokens_per_s_per_device"] / peak
+    result = {
+        "preset": cfg.model.preset, "precision": ours[0]["precision"], "zero_stage": cfg.deepspeed.zero_stage, "world_size": ours[0]["world_size"],
+        "seq_len": cfg.data.seq_len, "global_batch": ours[0]["tokens_per_step"] // cfg.data.seq_len, "steps": ns.steps, "warmup": ns.warmup,
+        "rounds": rounds, "flops_per_token": fpt, "flop_formula": FLOP_FORMULA, "peak_flops": peak, "peak_source": peak_source,
+        "device": "cpu" if on_cpu else "cuda", **a,
+    }
+    lines = [
+        f"bigtrain bench train: {cfg.model.preset} ({a['params'] / 1e6:.2f}M params), {result['precision']}, ZeRO-{cfg.deepspeed.zero_stage}, "
+        f"world size {result['world_size']}, batch {result['global_batch']} x {cfg.data.seq_len} tokens, {ns.steps} steps x {rounds} round(s)",
+        f"  bigtrain      {a['tokens_per_s']:>10,.0f} tokens/s ({a['tokens_per_s_per_device']:,.0f} per device), median step {a['median_step_s'] * 1e3:.1f} ms, "
+        f"peak memory {a['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        f"  achieved      {a['tflops']:.3f} TFLOP/s, MFU {100 * a['mfu']:.1f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source})",
+        f"  FLOPs         {FLOP_FORMULA} = {fpt / 1e6:.1f} MFLOP/token",
+    ]
+    if "split" in a:
+        lines.append("  step split    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in a["split"].items()))
+    if ns.compare:
+        b = summarize(theirs)
+        ratios = [x / y for x, y in zip(a["round_medians_s"], b["round_medians_s"])]
+        result.update(
+            hf_tokens_per_s=b["tokens_per_s"], hf_median_step_s=b["median_step_s"], hf_peak_memory_bytes=b["peak_memory_bytes"],
+            hf_round_medians_s=b["round_medians_s"], step_time_ratio=a["median_step_s"] / b["median_step_s"],
+            step_time_ratio_rounds=ratios,
+        )
+        lines += [
+            f"  HF Trainer    {b['tokens_per_s']:>10,.0f} tokens/s, median step {b['median_step_s'] * 1e3:.1f} ms, peak memory {b['peak_memory_bytes'] / 2**20:,.0f} MiB",
+            f"  step time ratio bigtrain/HF: {result['step_time_ratio']:.3f} (per round {min(ratios):.3f}-{max(ratios):.3f}; < 1 means bigtrain is faster)",
+        ]
+    print("\n".join(lines))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1:]))
