@@ -207,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
             del lm
             shutil.rmtree(cache, ignore_errors=True)
             n_tokens, n_classic = int(ids.size), int(classic_ids.size)
+            if n_tokens == 0 and n_classic == 0:
+                raise UserError(f"--mb {args.mb}: too few tokens for one block of --seq-len {args.seq_len}; "
+                                "raise --mb or lower --seq-len")
             if ids.shape != classic_ids.shape or not np.array_equal(ids, classic_ids):
                 where = ""
                 if ids.shape == classic_ids.shape:
