@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/bigtrain train --overwrite
 
 test: setup
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=25 tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -116,8 +116,8 @@ def test_mlm_masking_statistics(corpus, tmp_path):
 def test_mlm_pretraining_loss_falls(cli, corpus, tmp_path):
     out = tmp_path / "mlm"
     r = cli(["train", "task=mlm", "model.preset=bert-tiny", f"data.train_files={corpus}", "data.vocab_size=1000", "data.seq_len=64",
-             "train.micro_batch_size=16", "train.max_steps=60", "train.lr=1e-3", "train.warmup_steps=5", "train.eval_every=30",
-             "train.save_every=60", "train.log_every=5", "train.progress=false", f"output_dir={out}"])
+             "train.micro_batch_size=16", "train.max_steps=40", "train.lr=1e-3", "train.warmup_steps=5", "train.eval_every=20",
+             "train.save_every=40", "train.log_every=5", "train.progress=false", f"output_dir={out}"])
     assert r.returncode == 0, r.stderr[-3000:]
     recs = records(out)
     first = [x["loss"] for x in recs if "loss" in x][0]
