@@ -101,28 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_verb", metavar="VERB", parser_class=_Parser)
-    try:
-        from bigtrain.bench import attention as bench_attention
+    import importlib
 
-        ba = bsub.add_parser("attention", help="fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG")
-        bench_attention.add_arguments(ba)
-        ba.set_defaults(bench_run=bench_attention.run)
-    except ImportError:
-        pass
-    try:
-        from bigtrain.bench import data as bench_data
-
-        bd = bsub.add_parser("data", help="tokenize and pack N MB of the standard library: bigtrain vs transformers' run_clm recipe, tokens/s")
-        bench_data.add_arguments(bd)
-        bd.set_defaults(bench_run=bench_data.run)
-    except ImportError:
-        pass
-    from bigtrain.bench import train as bench_train
-
-    bt = bsub.add_parser("train", help="training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside",
-                         description=(bench_train.__doc__ or "").split("\n\n")[0])
-    bench_train.add_arguments(bt)
-    bt.set_defaults(bench_run=bench_train.run)
+    benches = (
+        ("attention", "fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG"),
+        ("data", "tokenize and pack N MB of the standard library: bigtrain vs transformers' run_clm recipe, tokens/s"),
+        ("train", "training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside"),
+    )
+    for name, text in benches:
+        try:
+            module = importlib.import_module(f"bigtrain.bench.{name}")
+        except ImportError:  # e.g. the attention benchmark without triton
+            continue
+        bp = bsub.add_parser(name, help=text, description=text)
+        module.add_arguments(bp)
+        bp.set_defaults(bench_run=module.run)
     return p
 
 

@@ -211,7 +211,7 @@ def test_cli_wiring(cli, tmp_path):
 def cluster():
     r = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=1200)
     if r.returncode == 3:
-        pytest.skip(r.stdout.strip().splitlines()[-1])
+        pytest.skip(reason=r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0, r.stdout + r.stderr
     conf = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
     previous = os.environ.get("SLURM_CONF")
