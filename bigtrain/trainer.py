@@ -264,7 +264,7 @@ class Trainer:
             from bigtrain.models import apply_overrides
 
             apply_overrides(hf, cfg.model.config)
-            vocab = max(vocab, getattr(hf, "vocab_size", vocab))  # a pretrained embedding may be larger
+            vocab = max(vocab, getattr(hf, "vocab_size", vocab))  # a larger tokenizer: _build_model resizes the embedding
         else:
             # Round the vocabulary up to a multiple of 64: faster matmuls, same model.
             tok = self.tokenizer
