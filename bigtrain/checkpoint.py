@@ -4,18 +4,34 @@ Layout of one checkpoint, `checkpoints/step_00000100/`:
 - DeepSpeed's files (model states, ZeRO optimizer shards), written by `engine.save_checkpoint`;
 - `trainer_state.json`: step, samples and tokens seen (the data position), world size, ZeRO stage;
 - `rng_rank{R}.pt`: each rank's RNG states (torch, numpy, python), so dropout resumes exactly;
-- `hf/`: the model's config.json and the tokenizer, so `bigtrain export` needs nothing else.
-`checkpoints/latest` (DeepSpeed's pointer file) names the newest one.
+- `hf/`: the model's config.json and the tokenizer, so `bigtrain export` needs nothing else;
+- `manifest.json`: every file above with its size and SHA-256.
+`checkpoints/latest` names the newest one.
+
+Crash safety: a checkpoint is written into `checkpoints/.tmp-step_N/`, every file is fsynced and
+listed in the manifest, and only then is the directory renamed to `step_N` (an atomic rename)
+and `latest` replaced (write, fsync, rename). A save killed at any point leaves either the
+previous checkpoints untouched plus a `.tmp-` directory (removed by the next save), or a complete
+new one. On resume each candidate is checked against its manifest, newest first; a damaged one is
+skipped with the reason, never loaded.
+
+Safe loading: bigtrain reads its own files with `torch.load(weights_only=True)`. DeepSpeed's
+loader unpickles freely, so before it runs every pickle in the checkpoint is scanned for classes
+outside torch's weights-only allowlist plus DeepSpeed's own plain-data classes below; anything
+else is refused unless the user passes `--trust-checkpoint`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -28,35 +44,83 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+MANIFEST = "manifest.json"
+# Upper bound of a checkpoint's size per parameter: weights (4 bytes in fp32), the fp32 master
+# copy that ZeRO and mixed precision keep (4), Adam's two moments (8).
+BYTES_PER_PARAMETER = 16
+TMP_PREFIX = ".tmp-"
+
+
 def list_checkpoints(root: Path) -> list[Path]:
+    """Every step_N directory, oldest first (complete or not: see `check_checkpoint`)."""
     if not root.is_dir():
         return []
-    tags = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name) and (p / "trainer_state.json").is_file()]
+    tags = [p for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
     return sorted(tags, key=lambda p: int(TAG_RE.match(p.name).group(1)))
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    pointer = root / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (root / tag / "trainer_state.json").is_file():
-            return root / tag
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
-def resolve_checkpoint(path: str | Path, what: str = "--resume") -> Path:
-    """A run's output_dir (-> its latest checkpoint) or one checkpoint directory."""
+def _files(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def check_checkpoint(ckpt: Path, checksums: bool = True) -> Optional[str]:
+    """None if `ckpt` matches its manifest; otherwise why not, naming the file."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return "no manifest.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({e})"
+    try:
+        for rel, meta in files.items():
+            p = ckpt / rel
+            if not p.is_file():
+                return f"{rel} is missing"
+            size = p.stat().st_size
+            if size != meta["size"]:
+                return f"{rel} has {size} bytes, the manifest says {meta['size']}"
+            if checksums and _sha256(p) != meta["sha256"]:
+                return f"{rel} does not match its SHA-256 in the manifest"
+    except OSError as e:
+        return f"cannot be read ({e})"
+    return None
+
+
+def latest_checkpoint(root: Path, log: Optional[Callable[[str], None]] = None) -> Optional[Path]:
+    """The newest checkpoint that passes `check_checkpoint`; each one skipped is reported to `log`."""
+    for ckpt in reversed(list_checkpoints(root)):
+        problem = check_checkpoint(ckpt)
+        if problem is None:
+            return ckpt
+        if log is not None:
+            log(f"checkpoint {ckpt} is damaged: {problem}; skipping it")
+    return None
+
+
+def resolve_checkpoint(path: str | Path, what: str = "--resume", log: Optional[Callable[[str], None]] = None) -> Path:
+    """A run's output_dir (-> its newest valid checkpoint) or one checkpoint directory."""
     p = Path(path)
     if (p / "trainer_state.json").is_file():
+        problem = check_checkpoint(p)
+        if problem is not None:
+            raise UserError(f"{what}: checkpoint {p} is damaged: {problem}")
         return p
     for root in (p / "checkpoints", p):
-        found = latest_checkpoint(root)
+        found = latest_checkpoint(root, log)
         if found is not None:
             return found
     if not p.exists():
         raise UserError(f"{what}: {path} does not exist")
-    raise UserError(f"{what}: no bigtrain checkpoint in {path} (expected a run's output_dir or a checkpoints/step_N directory)")
+    raise UserError(f"{what}: no complete bigtrain checkpoint in {path} (expected a run's output_dir or a checkpoints/step_N directory)")
 
 
 def read_state(ckpt: Path) -> dict:
@@ -64,9 +128,15 @@ def read_state(ckpt: Path) -> dict:
 
 
 def _rng_state() -> dict:
+    """RNG states as tensors, ints and tuples only, so they load with weights_only=True."""
     import torch
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -76,34 +146,132 @@ def _set_rng_state(state: dict) -> None:
     import torch
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, fsync, rename over `path`: readers see the old or the new content, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync_dir(path.parent)
+
+
+def _seal(tmp: Path, final: Path) -> None:
+    """fsync every file of `tmp`, write its manifest, rename it to `final`, point `latest` at it."""
+    files = {}
+    for p in _files(tmp):
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+            os.fsync(f.fileno())
+        files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
+    write_atomic(tmp / MANIFEST, json.dumps({"files": files, "written_at": time.time()}, indent=1))
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+    replaced = None
+    if final.exists():  # a damaged checkpoint of the same step, skipped at resume: replace it
+        replaced = final.with_name(TMP_PREFIX + "replaced-" + final.name)
+        shutil.rmtree(replaced, ignore_errors=True)
+        final.rename(replaced)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    write_atomic(final.parent / "latest", final.name)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
 def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_last: int) -> Path:
-    """Save on every rank (DeepSpeed checkpoints are collective)."""
+    """Save on every rank (DeepSpeed checkpoints are collective); crash-safe, see the module doc."""
     import torch
     import torch.distributed as dist
 
+    from bigtrain import faults
+
     tag = tag_for(state["step"])
-    engine.save_checkpoint(str(root), tag=tag, client_state={"bigtrain": state})
-    ckpt = root / tag
-    torch.save(_rng_state(), ckpt / f"rng_rank{rank}.pt")
+    tmp = root / (TMP_PREFIX + tag)
     if rank == 0:
-        hf = ckpt / "hf"
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(TMP_PREFIX + "step_*"):  # left by a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"bigtrain": state}, save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        hf = tmp / "hf"
         hf.mkdir(exist_ok=True)
         hf_config.save_pretrained(str(hf))
         # The tokenizer object, not its source directory: a pretrained model's directory also
         # holds its weights, which must never travel into the checkpoint or the export.
         tokenizer.save_pretrained(str(hf))
-        # Written last: a checkpoint without trainer_state.json is never picked for resume.
-        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    dist.barrier()  # every rank's files are written
+    if rank == 0:
+        faults.maybe_kill_in_save(state["step"])
+        _seal(tmp, root / tag)
     dist.barrier()
     if rank == 0:
-        prune(root, keep_last)
-    return ckpt
+        prune(root, keep_last, upto=state["step"])
+    return root / tag
+
+
+# DeepSpeed's own classes in its checkpoints: plain data (a loss scaler's numbers, an enum, a
+# named tuple of offsets). Any other class outside torch's weights-only allowlist is refused.
+DEEPSPEED_DATA_CLASSES = frozenset({
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+})
+
+
+def load_weights_only(path: Path, mmap: bool = False) -> Any:
+    """torch.load with the weights-only unpickler, allowing DeepSpeed's plain-data classes."""
+    import importlib
+
+    import torch
+
+    classes = []
+    for name in DEEPSPEED_DATA_CLASSES:
+        module, _, attr = name.rpartition(".")
+        try:
+            classes.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    with torch.serialization.safe_globals(classes):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def check_pickles(ckpt: Path, what: str = "--resume") -> None:
+    """Refuse a checkpoint whose pickles would run code other than plain-data construction."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    for p in sorted(ckpt.rglob("*.pt")):
+        try:
+            unsafe = set(get_unsafe_globals_in_checkpoint(str(p))) - DEEPSPEED_DATA_CLASSES
+        except Exception as e:  # noqa: BLE001 - not torch's zip format: cannot be inspected
+            unsafe = {f"<not inspectable: {type(e).__name__}>"}
+        if unsafe:
+            raise UserError(
+                f"{what}: {p} needs arbitrary unpickling ({', '.join(sorted(unsafe))}), which can run code; "
+                "bigtrain refuses to load it. If you trust where it came from, pass --trust-checkpoint"
+            )
 
 
 BEST_POINTER = "best.json"
@@ -121,9 +289,13 @@ def write_best(root: Path, best: dict) -> None:
     tmp.replace(root / BEST_POINTER)
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last checkpoints, never the best one."""
-    found = list_checkpoints(root)
+def prune(root: Path, keep_last: int, upto: Optional[int] = None) -> None:
+    """Delete all but the newest keep_last checkpoints up to step `upto`, never the best one.
+
+    Checkpoints after `upto` belong to a timeline this run abandoned by resuming from an older
+    one (the newer was damaged, or the user chose): they are replaced as the run reaches them.
+    """
+    found = [p for p in list_checkpoints(root) if upto is None or int(TAG_RE.match(p.name).group(1)) <= upto]
     best = (read_best(root) or {}).get("tag")
     for old in found[: max(0, len(found) - keep_last)]:
         if old.name == best:
@@ -155,9 +327,12 @@ def to_universal(ckpt: Path) -> Path:
     return out
 
 
-def load(engine, ckpt: Path, rank: int, universal: bool = False) -> dict[str, Any]:
+def load(engine, ckpt: Path, rank: int, universal: bool = False, trust: bool = False) -> dict[str, Any]:
     """Load engine weights, optimizer and scheduler, and this rank's RNG; returns the trainer state."""
     import torch
+
+    if not trust:
+        check_pickles(ckpt)
 
     tag = ckpt.name + UNIVERSAL_SUFFIX if universal else ckpt.name
     path, client = engine.load_checkpoint(str(ckpt.parent), tag=tag)
@@ -166,5 +341,5 @@ def load(engine, ckpt: Path, rank: int, universal: bool = False) -> dict[str, An
     rng = ckpt / f"rng_rank{rank}.pt"
     # At another world size the ranks hold other samples: their old RNG streams do not apply.
     if rng.is_file() and not universal:
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(torch.load(rng, weights_only=True))
     return read_state(ckpt)

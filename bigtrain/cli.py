@@ -44,12 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, help="start N local ranks through the deepspeed launcher")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the latest checkpoint (auto) or from PATH")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint even if its pickles need arbitrary classes (they can run code): only for checkpoints you trust")
 
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     e.add_argument("src", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("out", metavar="OUT_DIR")
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     e.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file, e.g. 500MB or 5GB (default 5GB)")
+    e.add_argument("--trust-checkpoint", action="store_true", help="read a checkpoint whose pickles need arbitrary classes (they can run code)")
 
     ev = sub.add_parser("eval", help="evaluate an exported model (any task) on a file: metrics printed and written as JSON",
                         description="Evaluate MODEL_DIR on data.valid_files (else data.train_files). The task and labels come from the model.")
@@ -145,10 +148,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
             argv += ["--resume", ns.resume]
         if ns.overwrite:
             argv.append("--overwrite")
+        if ns.trust_checkpoint:
+            argv.append("--trust-checkpoint")
         return relaunch(ns.nproc, argv)
     from bigtrain.trainer import run_training
 
-    return run_training(cfg, ns.resume, ns.overwrite)
+    return run_training(cfg, ns.resume, ns.overwrite, ns.trust_checkpoint)
 
 
 def parse_size(text: str, what: str) -> int:
@@ -193,7 +198,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     setup_accelerator()
     from bigtrain.export import export
 
-    out = export(ns.src, ns.out, overwrite=ns.overwrite, max_shard_bytes=parse_size(ns.max_shard_size, "--max-shard-size"))
+    out = export(ns.src, ns.out, overwrite=ns.overwrite, max_shard_bytes=parse_size(ns.max_shard_size, "--max-shard-size"), trust=ns.trust_checkpoint)
     print(out)
     return 0
 

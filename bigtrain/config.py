@@ -101,6 +101,14 @@ class TrainConfig:
     # (None: eval_f1 for classify/token_classify, eval_loss otherwise; loss: lower is better).
     best_metric: Optional[str] = None
     progress: bool = True
+    # A non-finite loss (or gradient norm): skip the step (its samples are named), stopping with a
+    # checkpoint after max_nonfinite_steps such steps in a row; or stop at once.
+    on_nonfinite: str = "skip"
+    max_nonfinite_steps: int = 3
+    # Dump every thread's stack when a step runs longer than max(watchdog_min_seconds,
+    # watchdog_factor x the median step time): the collective timeout then ends the job.
+    watchdog_factor: float = 10.0
+    watchdog_min_seconds: float = 120.0
     # Print a short generated sample at the end (clm).
     sample_prompt: str = "def "
     sample_tokens: int = 48
@@ -120,8 +128,8 @@ class DeepSpeedConfig:
     # too big to build whole on one rank (> 1B parameters); smaller ones are built whole, then
     # partitioned, which gives bit-for-bit the same initial weights as stages 0-2.
     zero3_init: Union[bool, str] = "auto"
-    # Collective timeout, so a lost rank never hangs the job forever.
-    timeout_minutes: int = 30
+    # Collective timeout, so a lost or stuck rank never hangs the job forever (fractions allowed).
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -329,7 +337,7 @@ def _check_choice(value: Any, choices: tuple, key: str, where_of) -> None:
 
 
 def _check_range(value: float, key: str, where_of, lo=None, hi=None, lo_open=False) -> None:
-    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    bad = value != value or (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)  # NaN fails
     if bad:
         if lo is not None and hi is not None:
             rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
@@ -399,7 +407,11 @@ def validate(cfg: Config, where_of) -> None:
     _check_range(t.beta1, "train.beta1", where_of, lo=0.0, hi=1.0)
     _check_range(t.beta2, "train.beta2", where_of, lo=0.0, hi=1.0)
     _check_range(t.grad_clip, "train.grad_clip", where_of, lo=0.0, hi=1e9)
-    _check_range(cfg.deepspeed.timeout_minutes, "deepspeed.timeout_minutes", where_of, lo=1, hi=10080)
+    _check_range(cfg.deepspeed.timeout_minutes, "deepspeed.timeout_minutes", where_of, lo=0.05, hi=10080)
+    _check_choice(t.on_nonfinite, ("skip", "stop"), "train.on_nonfinite", where_of)
+    _check_range(t.max_nonfinite_steps, "train.max_nonfinite_steps", where_of, lo=1, hi=1 << 20)
+    _check_range(t.watchdog_factor, "train.watchdog_factor", where_of, lo=1.0, hi=1e6)
+    _check_range(t.watchdog_min_seconds, "train.watchdog_min_seconds", where_of, lo=0.0, hi=1e7)
     if t.global_batch_size is not None:
         _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
     ds = cfg.deepspeed

@@ -454,6 +454,11 @@ class BatchSchedule:
             self._perm_epoch = epoch
         return self._perm
 
+    def global_ids(self, position: int) -> list[int]:
+        """Every sample id (over all ranks) of the global batch that starts at sample `position`."""
+        epoch, offset = divmod(position, self.per_epoch)
+        return [int(i) for i in self._order(epoch)[offset : offset + self.global_batch]]
+
     def micro_batches(self, position: int) -> list[np.ndarray]:
         """This rank's micro-batches for the global batch that starts at sample `position`."""
         epoch, offset = divmod(position, self.per_epoch)

@@ -72,7 +72,7 @@ def dist_env() -> DistEnv:
     return DistEnv(rank, local, world)
 
 
-def init_distributed(on_cpu: bool, timeout_minutes: int) -> None:
+def init_distributed(on_cpu: bool, timeout_minutes: float) -> None:
     import deepspeed
     import torch
 
@@ -210,9 +210,36 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
+def build_ops_once(ds_config: dict) -> None:
+    """JIT-build the C++ ops that offload needs on each node's local rank 0 first, then load them
+    on the other ranks: ranks building the same op at once can trip over each other's files."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    zero = ds_config.get("zero_optimization") or {}
+    names = []
+    if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
+        names.append("CPUAdamBuilder")
+    if "nvme" in ((zero.get("offload_optimizer") or {}).get("device"), (zero.get("offload_param") or {}).get("device")):
+        names.append("AsyncIOBuilder")
+    if not names:
+        return
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    for turn in (True, False):
+        if turn == first:
+            for name in names:
+                builder = get_accelerator().create_op_builder(name)
+                if builder is not None:
+                    builder.load(verbose=False)
+        if dist.is_initialized():
+            dist.barrier()
+
+
 def initialize(model, ds_config: dict, weight_decay: float):
     """`deepspeed.initialize` with bigtrain's parameter groups; returns the engine."""
     import deepspeed
+
+    build_ops_once(ds_config)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
     return engine

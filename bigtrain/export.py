@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from bigtrain.checkpoint import read_state, resolve_checkpoint
+from bigtrain.checkpoint import check_pickles, load_weights_only, read_state, resolve_checkpoint
 from bigtrain.errors import UserError
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # the Hugging Face default, "5GB"
@@ -24,14 +24,12 @@ DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # the Hugging Face default, "5GB"
 
 def lazy_state_dict(ckpt: Path) -> dict:
     """name -> tensor, or DeepSpeed's lazy GatheredTensor (`.contiguous()` materialises it)."""
-    import torch
-
     state = read_state(ckpt)
     if state.get("zero_stage", 0) == 0 and state.get("precision", "fp32") == "fp32":
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise UserError(f"{ckpt}: no mp_rank_*_model_states.pt: not a complete DeepSpeed checkpoint")
-        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+        return load_weights_only(files[0], mmap=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
@@ -111,7 +109,7 @@ def iter_checkpoint_files(hf: Path) -> Iterator[Path]:
             yield f
 
 
-def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, trust: bool = False) -> Path:
     """Write config.json, the weights (fp32 safetensors, sharded) and the tokenizer of `src` into `out_dir`.
 
     Everything is written to a temporary sibling directory first and renamed into place, so an
@@ -120,6 +118,8 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     from transformers import AutoConfig
 
     ckpt = resolve_checkpoint(src, what="export")
+    if not trust:
+        check_pickles(ckpt, what="export")  # DeepSpeed's zero_to_fp32 unpickles freely
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from bigtrain import checkpoint as ckpt_io
-from bigtrain import tasks
+from bigtrain import faults, tasks
 from bigtrain.config import LABELED_TASKS, Config, dump_yaml, where_of
 from bigtrain.data import BatchSchedule, Prefetcher, TokenBlocks, prepare, split_indices, to_model_batch
 from bigtrain.engine import (
@@ -48,8 +48,20 @@ RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
 # Exit code of a run stopped by SIGUSR1/SIGTERM or its time limit after saving a checkpoint
 # (EX_TEMPFAIL: "try again"): job scripts requeue on it.
 PREEMPTED_EXIT_CODE = 75
-# Exit code of a run that diverged (fp16 loss scale at its floor): not worth requeueing as is.
+# Exit code of a run that diverged (fp16 loss scale at its floor, non-finite losses): not worth
+# requeueing as is.
 DIVERGED_EXIT_CODE = 3
+# Exit code of a rank whose peer was lost (killed, crashed, or stuck past the collective timeout).
+RANK_LOST_EXIT_CODE = 4
+
+
+class RankLost(Exception):
+    """A collective failed because another rank is gone or stuck."""
+
+    def __init__(self, step: int, lost: Optional[list], cause: BaseException) -> None:
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        who = (f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}") if lost else "rank 0 (its rendezvous store is unreachable)"
+        super().__init__(f"lost {who} during step {step}: it stopped answering (the collective failed with: {first})")
 
 
 class StopSignal:
@@ -66,6 +78,7 @@ class StopSignal:
         self._stop_at = float(os.environ["BIGTRAIN_STOP_AT"]) if os.environ.get("BIGTRAIN_STOP_AT") else None
         self._last = time.monotonic()
         self._slowest_step = 0.0
+        self.watchdog = None  # a stuck rank exits on SIGTERM at once: it could not save anyway
 
     def install(self) -> None:
         import signal
@@ -74,6 +87,10 @@ class StopSignal:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        if self.watchdog is not None and self.watchdog.stuck:
+            print(f"rank {self.watchdog.rank} is stuck (see the watchdog's stacks): exiting on signal {signum} without a checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(RANK_LOST_EXIT_CODE)
         self._signal = signum
 
     def should_stop(self, device) -> bool:
@@ -134,8 +151,9 @@ def log0(rank: int, *args) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, overwrite: bool = False, trust_checkpoint: bool = False) -> None:
         self.cfg = cfg
+        self.trust_checkpoint = trust_checkpoint
         self.on_cpu = setup_accelerator()
         import torch
 
@@ -148,12 +166,16 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.global_batch = self.ds_config["train_batch_size"]
 
-        # Checkpoint to resume from (decided before anything is overwritten).
+        # Checkpoint to resume from (decided before anything is overwritten): the newest one that
+        # matches its manifest; damaged ones are skipped, with the reason.
         self.resume_from: Optional[Path] = None
+        say = lambda m: log0(rank, m)  # noqa: E731
         if resume == "auto":
-            self.resume_from = ckpt_io.latest_checkpoint(self.output_dir / "checkpoints")
+            self.resume_from = ckpt_io.latest_checkpoint(self.output_dir / "checkpoints", log=say)
+            if self.resume_from is None and ckpt_io.list_checkpoints(self.output_dir / "checkpoints"):
+                log0(rank, "--resume auto: no complete checkpoint left: starting from step 0")
         elif resume:
-            self.resume_from = ckpt_io.resolve_checkpoint(resume)
+            self.resume_from = ckpt_io.resolve_checkpoint(resume, log=say)
 
         # A ZeRO checkpoint written at another world size is partitioned for that world size:
         # convert it to DeepSpeed's universal format once (rank 0) and load that.
@@ -208,6 +230,7 @@ class Trainer:
 
         # Model.
         self.hf_config = self._model_config()
+        self._check_disk()
         if self.labeled and not hasattr(self.hf_config, "type_vocab_size"):
             # Only BERT-family models take token type ids (a Llama forward would reject them).
             self.train_set.token_type_ids = self.valid_set.token_type_ids = None
@@ -224,7 +247,7 @@ class Trainer:
         self.schedule = BatchSchedule(train_idx, self.global_batch, cfg.train.micro_batch_size, self.env.world_size, rank, cfg.train.seed)
         self.step, self.samples_seen = 0, 0
         if self.resume_from is not None:
-            state = ckpt_io.load(self.engine, self.resume_from, rank, universal=self.load_universal)
+            state = ckpt_io.load(self.engine, self.resume_from, rank, universal=self.load_universal, trust=self.trust_checkpoint)
             self.step, self.samples_seen = state["step"], state["samples_seen"]
             if state.get("global_batch") != self.global_batch:
                 raise UserError(
@@ -239,6 +262,7 @@ class Trainer:
         self.best_report: Optional[str] = None
         self.stop = StopSignal()
         self.preempted = False
+        self.nonfinite_stop: Optional[str] = None
         # `bigtrain bench train` switches these on: a per-step timer, and no eval/save/stop checks.
         self.timer = None
         self.bench = False
@@ -285,6 +309,25 @@ class Trainer:
         hf.pad_token_id = self.tokenizer.pad_token_id
         return hf
 
+    def _count_parameters_meta(self) -> int:
+        import torch
+
+        with torch.device("meta"):
+            return sum(p.numel() for p in auto_class(self.cfg.task).from_config(self.hf_config).parameters())
+
+    def _check_disk(self) -> None:
+        """Preflight: room for two checkpoints (the newest is written while the previous is kept)."""
+        n = self._count_parameters_meta()
+        per_ckpt = n * ckpt_io.BYTES_PER_PARAMETER
+        free = shutil.disk_usage(self.output_dir).free
+        if free < 2 * per_ckpt:
+            gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+            raise UserError(
+                f"{where_of(self.cfg, 'output_dir')}: not enough free disk for checkpoints in {self.output_dir}: each needs about "
+                f"{gb(per_ckpt)} ({n / 1e6:,.1f}M parameters x {ckpt_io.BYTES_PER_PARAMETER} bytes: weights, fp32 master copy, Adam moments) "
+                f"and two must fit while one is written; {gb(free)} free"
+            )
+
     @property
     def attn_implementation(self) -> str:
         choice = self.cfg.model.attn_implementation
@@ -296,11 +339,7 @@ class Trainer:
         choice = self.cfg.deepspeed.zero3_init
         if choice != "auto":
             return bool(choice)
-        import torch
-
-        with torch.device("meta"):
-            n = sum(p.numel() for p in auto_class(self.cfg.task).from_config(self.hf_config).parameters())
-        return n > 1_000_000_000
+        return self._count_parameters_meta() > 1_000_000_000
 
     def _build_model(self):
         attn = self.attn_implementation
@@ -381,6 +420,11 @@ class Trainer:
         last_log_time, last_log_step = time.perf_counter(), self.step
         self.engine.train()
         self.stop.install()
+        from bigtrain.watchdog import StepWatchdog
+
+        watchdog = self.stop.watchdog = StepWatchdog(rank, t.watchdog_factor, t.watchdog_min_seconds).start()
+        nan_steps = faults.nan_loss_steps()
+        nonfinite_in_row = 0
         last_eval = None
         try:
             timer = self.timer
@@ -391,11 +435,22 @@ class Trainer:
                 step_lr = self.engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (no sync)
                 step_loss = torch.zeros((), device=self.device)
                 this_step = self.step + 1
+                watchdog.step_started(this_step)
+                faults.at_step_start(this_step, rank)
+                nonfinite = None
                 try:
-                    for batch in micro_batches:
+                    for i, batch in enumerate(micro_batches):
                         loss = self._forward(self._to_device(batch))
+                        if this_step in nan_steps:
+                            loss = loss * float("nan")
                         if timer is not None:
                             timer.mark("forward")
+                        # Checked before backward, so a bad batch never touches the weights.
+                        nonfinite = None if self.bench else self._nonfinite_ranks(loss)
+                        if nonfinite:
+                            if i > 0:  # earlier micro-batches already hold gradients in DeepSpeed
+                                self.nonfinite_stop = "with gradient accumulation a step cannot be skipped after its first micro-batch"
+                            break
                         self.engine.backward(loss)
                         if timer is not None:
                             timer.mark("backward")
@@ -405,13 +460,34 @@ class Trainer:
                         step_loss += loss.detach().float()
                     self.step += 1
                     self.samples_seen += self.global_batch
+                    watchdog.step_finished()
                     skipped = self.loss_scale_watch.after_step(self.step) if self.loss_scale_watch is not None else None
+                    if not nonfinite and not self.bench and self.precision != "fp16":  # fp16 overflows are DeepSpeed's (skipped above)
+                        norm = self.engine.get_global_grad_norm()
+                        if norm is not None and not math.isfinite(float(norm)):
+                            self.diverged = f"the gradient norm of step {self.step} is {float(norm)} with a finite loss, and the step was applied"
                 except Exception as e:  # DeepSpeed's own stop at the loss-scale floor is a bare Exception
                     if DEEPSPEED_MIN_SCALE_MESSAGE not in str(e):
                         raise
                     self.diverged = f"fp16 loss scale is at its minimum and step {this_step} overflowed again (DeepSpeed: {e})"
                     break
-                pending.append(step_loss / len(micro_batches))
+                if nonfinite:
+                    nonfinite_in_row += 1
+                    ids = self.schedule.global_ids(self.samples_seen - self.global_batch)
+                    self.metrics.write({"step": self.step, "nonfinite_loss": True, "skipped_step": True, "sample_ids": ids})
+                    what = (f"step {self.step}: the loss is non-finite on rank{'s' if len(nonfinite) > 1 else ''} "
+                            f"{', '.join(map(str, nonfinite))}; the batch's sample ids: {ids}")
+                    if t.on_nonfinite == "stop" or self.nonfinite_stop or nonfinite_in_row >= t.max_nonfinite_steps:
+                        why = self.nonfinite_stop or ("train.on_nonfinite=stop" if t.on_nonfinite == "stop" else
+                                                      f"{nonfinite_in_row} non-finite steps in a row (train.max_nonfinite_steps={t.max_nonfinite_steps})")
+                        # The non-finite steps were never applied: these weights are the last good ones.
+                        ckpt = self.save()
+                        self.nonfinite_stop = f"{what}; stopping: {why}. Checkpoint {ckpt} holds the weights before it"
+                        break
+                    say(f"{what}: step skipped ({nonfinite_in_row} in a row; stopping at {t.max_nonfinite_steps})")
+                else:
+                    nonfinite_in_row = 0
+                    pending.append(step_loss / len(micro_batches))
                 if bar is not None:
                     bar.update(1)
                 if self.bench:
@@ -438,7 +514,7 @@ class Trainer:
                         if t.log_every == 1 or i == len(losses) - 1:
                             value = value if t.log_every == 1 else sum(losses) / len(losses)
                             self.metrics.write({"step": first + i, "loss": value, "lr": lr, "tokens_per_s": tok_s, "tokens": self.samples_seen * cfg.data.seq_len})
-                    if bar is not None:
+                    if bar is not None and losses:
                         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                     pending.clear()
                     last_log_time, last_log_step = now, self.step
@@ -459,11 +535,35 @@ class Trainer:
                     self.preempted = True
                     log0(rank, f"stopping at step {self.step} ({self.stop.reason}): checkpoint {ckpt}; continue with --resume auto")
                     break
+        except RuntimeError as e:
+            self._on_collective_failure(e)
+            raise
         finally:
+            watchdog.close()
             loader.close()
             if bar is not None:
                 bar.close()
         return last_eval or {}
+
+    def _nonfinite_ranks(self, loss) -> list[int]:
+        """The ranks whose micro-batch loss is NaN or infinite (one small all-reduce, one host sync)."""
+        import torch
+        import torch.distributed as dist
+
+        flags = torch.zeros(self.env.world_size, device=self.device)
+        flags[self.env.rank] = (~torch.isfinite(loss.detach().float())).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def _on_collective_failure(self, error: RuntimeError) -> None:
+        """If a peer is gone, raise RankLost naming it; otherwise return (the error is our own)."""
+        if self.env.world_size == 1:
+            return
+        from bigtrain.watchdog import lost_ranks
+
+        lost = lost_ranks(self.env.rank, self.env.world_size)
+        if lost is None or lost:
+            raise RankLost(self.step + 1, lost, error) from error
 
     def _reduce_losses(self, pending: list) -> list[float]:
         """Mean over ranks of the per-step losses held on the device (one collective)."""
@@ -625,8 +725,8 @@ class Trainer:
         return model_dir
 
 
-def run_training(cfg: Config, resume: Optional[str], overwrite: bool) -> int:
-    return run_trainer(Trainer(cfg, resume=resume, overwrite=overwrite))
+def run_training(cfg: Config, resume: Optional[str], overwrite: bool, trust_checkpoint: bool = False) -> int:
+    return run_trainer(Trainer(cfg, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint))
 
 
 def run_trainer(trainer: Trainer) -> int:
@@ -634,9 +734,22 @@ def run_trainer(trainer: Trainer) -> int:
     cfg = trainer.cfg
     if trainer.step >= cfg.train.max_steps:
         log0(trainer.env.rank, f"nothing to do: the checkpoint is at step {trainer.step} >= train.max_steps={cfg.train.max_steps}")
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    except RankLost as e:
+        last = ckpt_io.latest_checkpoint(trainer.output_dir / "checkpoints")
+        kept = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        print(f"error: rank {trainer.env.rank}: {e}; {kept}. Restart the job with --resume auto.", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The process group is broken: tearing it down could block on the lost peer.
+        os._exit(RANK_LOST_EXIT_CODE)
     if trainer.preempted:
         return PREEMPTED_EXIT_CODE
+    if trainer.nonfinite_stop:
+        trainer.metrics.close()
+        log0(trainer.env.rank, f"error: training stopped at {trainer.nonfinite_stop}. Inspect those samples, then continue with --resume auto "
+             "(the data position is after them) or lower train.lr.")
+        return DIVERGED_EXIT_CODE
     if trainer.diverged:
         trainer.metrics.close()
         last = ckpt_io.latest_checkpoint(trainer.output_dir / "checkpoints")

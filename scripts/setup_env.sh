@@ -22,3 +22,9 @@ fi
 "${PIP[@]}" "setuptools>=64" wheel packaging ninja numpy psutil py-cpuinfo pydantic hjson msgpack tqdm
 "$PY" -c "import deepspeed" 2>/dev/null || "${PIP[@]}" --no-build-isolation deepspeed
 "${PIP[@]}" --no-build-isolation -e ".[test]"
+# DeepSpeed JIT-builds its CPU Adam (used by optimizer offload) on first use, which takes minutes:
+# on a machine without a GPU, build it once here rather than inside the first offloaded run.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  DS_ACCELERATOR=cpu "$PY" -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null 2>&1 \
+    || echo "setup: warning: could not pre-build DeepSpeed's CPU Adam op (it will be built on first use)" >&2
+fi

@@ -1,0 +1,43 @@
+"""Fault injection for the reliability tests (tests/test_reliability.py, RELIABILITY.md).
+
+`BIGTRAIN_FAULT` holds comma-separated faults; unset (always, outside tests) nothing happens.
+  kill_in_save@S         SIGKILL rank 0 after every rank wrote checkpoint S, before it is sealed
+  kill@S:R               SIGKILL rank R when step S starts
+  hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
+  nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike)
+Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _faults() -> dict[str, list[list[str]]]:
+    out: dict[str, list[list[str]]] = {}
+    for item in filter(None, (os.environ.get("BIGTRAIN_FAULT") or "").split(",")):
+        name, _, args = item.strip().partition("@")
+        out.setdefault(name, []).append(args.split(":"))
+    return out
+
+
+def maybe_kill_in_save(step: int) -> None:
+    for args in _faults().get("kill_in_save", []):
+        if int(args[0]) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_step_start(step: int, rank: int) -> None:
+    faults = _faults()
+    for args in faults.get("kill", []):
+        if int(args[0]) == step and int(args[1]) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+    for args in faults.get("hang", []):
+        if int(args[0]) == step and int(args[1]) == rank:
+            time.sleep(float(args[2]))
+
+
+def nan_loss_steps() -> set[int]:
+    return {int(s) for args in _faults().get("nan_loss", []) for s in args[0].split("+")}
