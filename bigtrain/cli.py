@@ -311,7 +311,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         rank = os.environ.get("RANK", "0")
         if rank == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            # Exactly one line, whatever the message quotes (a file name with "\r" in it, U+2028...),
+            # and printable on any stream (file names that are not UTF-8 carry surrogates).
+            message = " ".join(str(e).splitlines()).strip() or type(e).__name__
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+            print(f"error: {message}", file=sys.stderr, flush=True)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

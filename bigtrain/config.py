@@ -63,6 +63,10 @@ class DataConfig:
     sample_by: str = "document"
     text_field: str = "text"
     on_decode_error: str = "error"
+    # The longest line (bytes between newlines) a text or JSON-lines file may hold. Longer lines are
+    # refused before tokenizing (naming FILE:LINE): a multi-megabyte line is almost never prose, and
+    # tokenizers need ~100x its size in memory. Raise it for JSON-lines files of long documents.
+    max_line_bytes: int = 4 << 20
     # classify / token_classify: file format (tsv, csv, jsonl, conll; None: from the extension)
     # and what to do with a malformed row (error: stop at it; skip: skip, count and report).
     format: Optional[str] = None
@@ -161,11 +165,48 @@ def _yaml_locations(text: str, path: str) -> dict[str, str]:
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return locations
-    if root is not None:
-        walk(root, "")
+        if root is not None:
+            walk(root, "")
+    except (yaml.YAMLError, RecursionError):
+        pass
     return locations
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """repr() of a value for an error message, cut short (a 5000-digit number is one long line)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - e.g. a recursive structure too deep to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_bad_scalar(text: str) -> Optional[tuple[int, str]]:
+    """(1-based line, problem) of the first scalar that YAML parses but cannot construct.
+
+    PyYAML raises plain ValueError/AttributeError (no line) for tagged scalars such as
+    `!!timestamp 2020-13-45` or `!!int 0x`; constructing the scalars one by one finds the line.
+    """
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, RecursionError):
+        return None
+    stack = [root] if root is not None else []
+    scalars = []
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.ScalarNode):
+            scalars.append(node)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in reversed(node.value) for n in reversed(pair))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(reversed(node.value))
+    for node in scalars:
+        try:
+            yaml.SafeLoader("").construct_object(node, deep=True)
+        except Exception as e:  # noqa: BLE001 - whatever the constructor raises is the problem
+            return node.start_mark.line + 1, f"cannot read {node.value[:40]!r} as {node.tag.rsplit(':', 1)[-1]}: {e}"
+    return None
 
 
 def load_yaml(path: str) -> tuple[dict, dict[str, str]]:
@@ -183,6 +224,12 @@ def load_yaml(path: str) -> tuple[dict, dict[str, str]]:
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise ValueError and others, without a line
+        bad = _first_bad_scalar(text)
+        where, problem = (f"{path}:{bad[0]}", bad[1]) if bad else (path, f"{type(e).__name__}: {e}")
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -199,7 +246,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UserError(f"override '{item}': empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - YAMLError, or ValueError & co. from tags such as !!int 0x: keep the text
         value = raw
     return key, value
 
@@ -275,7 +322,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             except UserError as e:
                 errors.append(e)
         expected = " or ".join(_type_name(a) for a in args)
-        raise UserError(f"{where}: '{key}' must be {expected}, got {type(value).__name__} {value!r}")
+        raise UserError(f"{where}: '{key}' must be {expected}, got {type(value).__name__} {_show(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -290,9 +337,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            v = float(value)
+            try:
+                v = float(value)
+            except OverflowError:  # an int beyond the float range (10**400)
+                v = math.inf
             if not math.isfinite(v):
-                raise UserError(f"{where}: '{key}' must be a finite number, got {value!r}")
+                raise UserError(f"{where}: '{key}' must be a finite number, got {_show(value)}")
             return v
     elif tp is str:
         if isinstance(value, str):
@@ -302,13 +352,13 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             return [value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise UserError(f"{where}: '{key}' must be a path or a list of paths, got {value!r}")
+        raise UserError(f"{where}: '{key}' must be a path or a list of paths, got {_show(value)}")
     elif tp is dict:
         if isinstance(value, dict):
             return value
     else:  # pragma: no cover - every field type is listed above
         return value
-    raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise UserError(f"{where}: '{key}' must be {_type_name(tp)}, got {type(value).__name__} {_show(value)}")
 
 
 def _build(cls: type, raw: dict, prefix: str, where_of) -> Any:
@@ -322,7 +372,7 @@ def _build(cls: type, raw: dict, prefix: str, where_of) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise UserError(f"{where_of(dotted)}: '{dotted}' is a section and needs a mapping of keys, got {value!r}")
+                raise UserError(f"{where_of(dotted)}: '{dotted}' is a section and needs a mapping of keys, got {_show(value)}")
             kwargs[key] = _build(tp, value, dotted + ".", where_of)
         else:
             kwargs[key] = _coerce(value, tp, dotted, where_of(dotted))
@@ -331,9 +381,9 @@ def _build(cls: type, raw: dict, prefix: str, where_of) -> Any:
 
 def _check_choice(value: Any, choices: tuple, key: str, where_of) -> None:
     if value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        close = difflib.get_close_matches(str(value)[:200], [str(c) for c in choices], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"{where_of(key)}: '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+        raise UserError(f"{where_of(key)}: '{key}' must be one of {', '.join(map(str, choices))}; got {_show(value)}{hint}")
 
 
 def _check_range(value: float, key: str, where_of, lo=None, hi=None, lo_open=False) -> None:
@@ -345,7 +395,7 @@ def _check_range(value: float, key: str, where_of, lo=None, hi=None, lo_open=Fal
             rng = f"{'>' if lo_open else '>='} {lo}"
         else:
             rng = f"<= {hi}"
-        raise UserError(f"{where_of(key)}: '{key}' must be {rng}, got {value!r}")
+        raise UserError(f"{where_of(key)}: '{key}' must be {rng}, got {_show(value)}")
 
 
 def load_user_ds_config(value: Union[str, dict, None], where: str) -> dict:
@@ -355,21 +405,56 @@ def load_user_ds_config(value: Union[str, dict, None], where: str) -> dict:
     if isinstance(value, dict):
         return value
     p = Path(value)
-    if not p.is_file():
-        raise UserError(f"{where}: deepspeed.config file not found: {value}")
     try:
+        if not p.is_file():  # a FIFO or device is no config file either: never opened
+            raise UserError(f"{where}: deepspeed.config file not found: {value}")
         data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:  # e.g. a name too long, or unreadable
+        raise UserError(f"{where}: cannot read deepspeed.config {value}: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{value}:{e.lineno}: invalid JSON in deepspeed.config: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{value}: not valid UTF-8 at byte {e.start}") from None
+    except RecursionError:
+        raise UserError(f"{value}: invalid JSON in deepspeed.config: nested too deeply") from None
     if not isinstance(data, dict):
         raise UserError(f"{value}:1: deepspeed.config must hold a JSON object")
     return data
 
 
+# ds_config sections that bigtrain fills or reads: a user's value for one must be a mapping too
+# (`"fp16": 5` would otherwise surface as an AttributeError, or as DeepSpeed's own traceback).
+DS_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "fp16", "bf16", "amp", "activation_checkpointing",
+               "checkpoint", "data_types", "aio", "flops_profiler", "tensorboard", "wandb", "csv_monitor", "comms_logger")
+
+
+def _check_json_mapping(value: dict, key: str, where_of) -> None:
+    """A free-form mapping (model.config, deepspeed.config) must survive json.dumps: both are
+    written as JSON later (config.json, ds_config.json), long after the run has started."""
+    bad_key = next((k for k in value if not isinstance(k, str)), None)
+    if bad_key is not None:
+        raise UserError(f"{where_of(key)}: '{key}' keys must be strings, got {type(bad_key).__name__} {_show(bad_key)}")
+    try:
+        json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise UserError(f"{where_of(key)}: '{key}' must hold plain JSON values (numbers, strings, booleans, lists, mappings): {e}") from None
+
+
+def _path_values(cfg: Config) -> list[tuple[str, Any]]:
+    d = cfg.data
+    out = [("output_dir", cfg.output_dir), ("data.tokenizer", d.tokenizer), ("data.cache_dir", d.cache_dir),
+           ("model.from_pretrained", cfg.model.from_pretrained), ("deepspeed.nvme_path", cfg.deepspeed.nvme_path)]
+    if isinstance(cfg.deepspeed.config, str):
+        out.append(("deepspeed.config", cfg.deepspeed.config))
+    out += [("data.train_files", f) for f in d.train_files] + [("data.valid_files", f) for f in d.valid_files or []]
+    return out
+
+
 def validate(cfg: Config, where_of) -> None:
     """Cross-field and range rules. Batch rules that need the world size live in `check_batch`."""
+    for key, value in _path_values(cfg):
+        if isinstance(value, str) and "\0" in value:
+            raise UserError(f"{where_of(key)}: '{key}' contains a NUL byte: {_show(value)}")
     _check_choice(cfg.task, TASKS, "task", where_of)
     _check_choice(cfg.model.attn_implementation, ATTN, "model.attn_implementation", where_of)
     _check_choice(cfg.data.mode, ("packed", "line_by_line"), "data.mode", where_of)
@@ -392,6 +477,7 @@ def validate(cfg: Config, where_of) -> None:
     _check_range(d.seq_len, "data.seq_len", where_of, lo=2, hi=1 << 20)
     _check_range(d.vocab_size, "data.vocab_size", where_of, lo=300, hi=1 << 22)
     _check_range(d.valid_fraction, "data.valid_fraction", where_of, lo=0.0, hi=0.5)
+    _check_range(d.max_line_bytes, "data.max_line_bytes", where_of, lo=1, hi=1 << 40)
     if d.num_proc is not None:
         _check_range(d.num_proc, "data.num_proc", where_of, lo=1, hi=1024)
     if not d.train_files:
@@ -419,7 +505,12 @@ def validate(cfg: Config, where_of) -> None:
         raise UserError(f"{where_of('deepspeed.offload_param')}: 'deepspeed.offload_param={ds.offload_param}' needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise UserError(f"{where_of('deepspeed.offload_optimizer')}: 'deepspeed.offload_optimizer={ds.offload_optimizer}' needs deepspeed.zero_stage >= 1")
+    _check_json_mapping(cfg.model.config, "model.config", where_of)
     user = load_user_ds_config(ds.config, where_of("deepspeed.config"))
+    _check_json_mapping(user, "deepspeed.config", where_of)
+    for section in DS_SECTIONS:
+        if section in user and not isinstance(user[section], dict):
+            raise UserError(f"{where_of('deepspeed.config')}: deepspeed.config '{section}' must be a mapping, got {_show(user[section])}")
     fp16_on = bool((user.get("fp16") or {}).get("enabled")) if isinstance(user.get("fp16"), dict) else False
     bf16_on = bool((user.get("bf16") or {}).get("enabled")) if isinstance(user.get("bf16"), dict) else False
     if fp16_on and bf16_on:
@@ -427,6 +518,10 @@ def validate(cfg: Config, where_of) -> None:
     if (fp16_on and ds.precision == "bf16") or (bf16_on and ds.precision == "fp16"):
         other = "fp16" if fp16_on else "bf16"
         raise UserError(f"{where_of('deepspeed.precision')}: deepspeed.precision={ds.precision} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
+    if cfg.model.from_pretrained:
+        from bigtrain.models import check_pretrained_dir
+
+        check_pretrained_dir(cfg.model.from_pretrained, where_of("model.from_pretrained"))
     if not str(cfg.output_dir).strip():
         raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
 
@@ -477,7 +572,7 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
         raw, locations = load_yaml(path)
     for item in overrides:
         key, value = parse_override(item)
-        where = f"override {item}"
+        where = f"override {item if len(item) <= 100 else item[:97] + '...'}"
         locations[key] = where
         # A dotted override below a section clears any YAML location of its parents' children.
         _set_dotted(raw, key, value, where)
@@ -488,7 +583,9 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
             if k in locations:
                 return locations[k]
             k = k.rpartition(".")[0]
-        return path or "defaults"
+        # A section that only an override (or YAML line) below it created: `x.y=1` -> 'x'.
+        below = next((where for loc, where in locations.items() if loc.startswith(key + ".")), None)
+        return below or path or "defaults"
 
     cfg = _build(Config, raw, "", where_of)
     validate(cfg, where_of)

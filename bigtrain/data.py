@@ -88,39 +88,57 @@ def resolve_sources(specs: list[str], key: str) -> list[Source]:
     """Expand files, directories, globs and '@stdlib' into sources; errors name the key."""
     sources: list[Source] = []
     for spec in specs:
-        if spec == "@stdlib":
-            sources.extend(Source(p, "text") for p in stdlib_files())
-            continue
-        p = Path(os.path.expanduser(spec))
-        if any(ch in spec for ch in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
-            files = [m for m in matches if m.is_file()]
-            if not files:
-                raise UserError(f"{key}: no files match {spec}")
-            sources.extend(Source(m, _kind(m) or "text") for m in files)
-        elif p.is_dir():
-            if _is_arrow_dir(p):
-                sources.append(Source(p, "arrow"))
-                continue
-            found = []
-            # followlinks=False: a symlink loop in a data directory cannot make this walk forever.
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
-                dirnames.sort()
-                for f in sorted(filenames):
-                    fp = Path(dirpath) / f
-                    if _kind(fp) and fp.is_file():
-                        found.append(Source(fp, _kind(fp)))
-            if not found:
-                raise UserError(f"{key}: directory {spec} holds no data files ({', '.join(sorted(TEXT_EXTENSIONS | JSON_EXTENSIONS))})")
-            sources.extend(found)
-        elif p.is_file():
-            sources.append(Source(p, _kind(p) or "text"))
-        elif p.exists():
-            raise UserError(f"{key}: {spec} is not a regular file or directory")
-        else:
-            raise UserError(f"{key}: data file not found: {spec}")
+        try:
+            sources.extend(_resolve_one(spec, key))
+        except OSError as e:  # e.g. a name too long for the file system, or a path through a file
+            raise UserError(f"{key}: cannot read {spec}: {e.strerror or e}") from None
     if not sources:
         raise UserError(f"{key}: no data files given")
+    return sources
+
+
+def _resolve_one(spec: str, key: str) -> list[Source]:
+    """One entry of data.train_files / data.valid_files as sources."""
+    sources: list[Source] = []
+    if spec == "@stdlib":
+        return [Source(p, "text") for p in stdlib_files()]
+    p = Path(os.path.expanduser(spec))
+    if any(ch in spec for ch in "*?["):
+        matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
+        # Regular files only (a FIFO would block the read), each once: `**` follows symlinks, so
+        # a link back up the tree (d/loop -> d) matches every file again at each depth.
+        files, seen = [], set()
+        for m in matches:
+            real = os.path.realpath(m)
+            if real not in seen and m.is_file():
+                seen.add(real)
+                files.append(m)
+        if not files:
+            raise UserError(f"{key}: no files match {spec}")
+        sources.extend(Source(m, _kind(m) or "text") for m in files)
+    elif p.is_dir():
+        if _is_arrow_dir(p):
+            return [Source(p, "arrow")]
+        found = []
+        # followlinks=False: a symlink loop in a data directory cannot make this walk forever.
+        for dirpath, dirnames, filenames in os.walk(p, followlinks=False):
+            dirnames.sort()
+            for f in sorted(filenames):
+                fp = Path(dirpath) / f
+                if _kind(fp) and fp.is_file():
+                    found.append(Source(fp, _kind(fp)))
+        if not found:
+            raise UserError(f"{key}: directory {spec} holds no data files ({', '.join(sorted(TEXT_EXTENSIONS | JSON_EXTENSIONS))})")
+        sources.extend(found)
+    elif p.is_file():
+        sources.append(Source(p, _kind(p) or "text"))
+    elif p.exists():
+        # A FIFO, socket or device: refused before anything opens it (a FIFO would block).
+        raise UserError(f"{key}: {spec} is not a regular file or directory")
+    elif p.is_symlink():
+        raise UserError(f"{key}: {spec} is a symbolic link that leads nowhere (-> {os.readlink(p)})")
+    else:
+        raise UserError(f"{key}: data file not found: {spec}")
     return sources
 
 
@@ -139,7 +157,27 @@ _counter = _DecodeCounter()
 codecs.register_error("bigtrain_count", _counter)
 
 
-def check_sources(sources: list[Source], key: str, on_decode_error: str, text_field: str) -> tuple[str, int]:
+def _check_line_lengths(raw: bytes, path: Path, limit: int) -> None:
+    """Refuse a line (bytes between newlines) longer than `limit`, naming FILE:LINE.
+
+    A 100 MB one-line file would otherwise be tokenized as one text: the tokenizer's output for it
+    takes ~100x its size in memory (a 5 MB line peaked at 1.1 GB). Vectorized: a fraction of a
+    second for 100 MB.
+    """
+    if len(raw) <= limit:
+        return
+    newlines = np.flatnonzero(np.frombuffer(raw, np.uint8) == 10)
+    lengths = np.diff(np.concatenate(([-1], newlines, [len(raw)]))) - 1
+    too_long = np.flatnonzero(lengths > limit)
+    if len(too_long):
+        i = int(too_long[0])
+        raise UserError(
+            f"{path}:{i + 1}: line of {int(lengths[i]):,} bytes is longer than data.max_line_bytes={limit:,}; "
+            "split it into shorter lines, or raise data.max_line_bytes"
+        )
+
+
+def check_sources(sources: list[Source], key: str, on_decode_error: str, text_field: str, max_line_bytes: int = 4 << 20) -> tuple[str, int]:
     """Read every file once: check it is readable UTF-8 (and JSON lines parse), hash the contents.
 
     Returns (content hash, number of undecodable bytes replaced). Raises UserError naming the
@@ -162,6 +200,7 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
         except OSError as e:
             raise UserError(f"{key}: cannot read {src.path}: {e.strerror or e}") from None
         h.update(hashlib.sha256(raw).digest())
+        _check_line_lengths(raw, src.path, max_line_bytes)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -173,13 +212,17 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
             text = raw.decode("utf-8", errors="bigtrain_count")
             replaced += _counter.count - before
         if src.kind == "json":
-            for lineno, line in enumerate(text.splitlines(), 1):
+            # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 & co.,
+            # which JSON strings may hold unescaped.
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{src.path}:{lineno}: invalid JSON: {e.msg}") from None
+                except RecursionError:
+                    raise UserError(f"{src.path}:{lineno}: invalid JSON: nested too deeply") from None
                 if not isinstance(rec, dict) or text_field not in rec:
                     raise UserError(f"{src.path}:{lineno}: JSON record has no '{text_field}' field (data.text_field)")
                 if not isinstance(rec[text_field], str):
@@ -196,7 +239,22 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
 # --------------------------------------------------------------------------- loading with datasets
 
 
-def load_documents(sources: list[Source], sample_by: str, text_field: str, on_decode_error: str, cache_dir: Path):
+def _json_texts(files: list[str], text_field: str, errors: str, content_hash: str):
+    """The `text_field` of every record of JSON-lines `files` (already checked by check_sources).
+
+    Read here rather than with the `datasets` JSON builder: that one infers an Arrow type for
+    every column, and a column bigtrain never reads (say "meta": "" on one line, [] on the next)
+    made it fail with a bare `ValueError: Expected object or value`. `content_hash` is unused: it
+    is in the arguments so that the `datasets` cache key changes with the files' contents.
+    """
+    del content_hash
+    for f in files:
+        for line in Path(f).read_bytes().decode("utf-8", errors=errors).split("\n"):
+            if line.strip():
+                yield {"text": json.loads(line)[text_field]}
+
+
+def load_documents(sources: list[Source], sample_by: str, text_field: str, on_decode_error: str, cache_dir: Path, content_hash: Optional[str] = None):
     """One `datasets.Dataset` with a single 'text' column, one row per document."""
     import datasets
 
@@ -212,8 +270,13 @@ def load_documents(sources: list[Source], sample_by: str, text_field: str, on_de
         )
         parts.append(ds)
     if json_files:
-        ds = datasets.load_dataset("json", data_files=json_files, split="train", cache_dir=hf_cache)
-        parts.append(ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"]))
+        if content_hash is None:
+            content_hash = hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in json_files)).hexdigest()
+        ds = datasets.Dataset.from_generator(
+            _json_texts, features=datasets.Features({"text": datasets.Value("string")}), cache_dir=hf_cache,
+            gen_kwargs={"files": json_files, "text_field": text_field, "errors": errors, "content_hash": content_hash},
+        )
+        parts.append(ds)
     for s in sources:
         if s.kind == "arrow":
             ds = datasets.load_from_disk(str(s.path))
@@ -236,7 +299,7 @@ def iter_document_texts(sources: list[Source], text_field: str, on_decode_error:
         if s.kind == "text":
             yield s.path.read_bytes().decode("utf-8", errors=errors)
         elif s.kind == "json":
-            for line in s.path.read_bytes().decode("utf-8", errors=errors).splitlines():
+            for line in s.path.read_bytes().decode("utf-8", errors=errors).split("\n"):
                 if line.strip():
                     yield json.loads(line)[text_field]
         else:
@@ -249,16 +312,62 @@ def iter_document_texts(sources: list[Source], text_field: str, on_decode_error:
                 yield from ds[i : i + 1000][text_field]
 
 
+# Documents longer than this many characters are tokenized in pieces (see `_encode_long`).
+DOC_PIECE_CHARS = 1 << 18
+
+
+def _cut_point(text: str, start: int, end: int) -> int:
+    """Where to end the piece text[start:end]: before a newline (else a space) that follows a
+    non-space character, so no pre-token spans the cut; `end` itself when there is none."""
+    for sep in ("\n", " "):
+        cut = text.rfind(sep, start + 1, end)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind(sep, start + 1, cut)
+        if cut > start:
+            return cut
+    return end
+
+
+def _encode_long(tokenizer, text: str, group: int = 4) -> np.ndarray:
+    """Token ids of one long document, encoded DOC_PIECE_CHARS at a time.
+
+    A fast tokenizer's output for one text holds offsets, tokens and more per token: ~100 bytes
+    per character of input, so a whole 100 MB document would need ~10 GB at once. Pieces are cut
+    at whitespace after a non-space character, where byte-level BPE and WordPiece pre-tokenizers
+    split anyway, so the ids are the same as for the whole text (a run of DOC_PIECE_CHARS
+    characters without any whitespace is cut where it must).
+    """
+    parts, pieces, start = [], [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= DOC_PIECE_CHARS else _cut_point(text, start, start + DOC_PIECE_CHARS)
+        pieces.append(text[start:end])
+        start = end
+        if len(pieces) == group or start >= len(text):
+            parts += [np.asarray(ids, np.int32) for ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+            pieces = []
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
 def tokenize(docs, tokenizer, num_proc: Optional[int]):
     def fn(batch):
         # The Arrow column is built from numpy: several times faster than `datasets` converting
         # Python lists of ints (measured by `bigtrain bench data`).
         import pyarrow as pa
 
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        texts = batch["text"]
+        long = [len(t) > DOC_PIECE_CHARS for t in texts]
+        if not any(long):
+            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        else:  # a few long documents among short ones: those go piece by piece
+            short_texts = [t for t, is_long in zip(texts, long) if not is_long]
+            short = iter(tokenizer(short_texts, add_special_tokens=False)["input_ids"] if short_texts else [])
+            ids = [_encode_long(tokenizer, t) if is_long else np.asarray(next(short), np.int32) for t, is_long in zip(texts, long)]
         offsets = np.zeros(len(ids) + 1, np.int64)
         np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=offsets[1:])
-        values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(offsets[-1]))
+        if any(long):
+            values = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        else:
+            values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(offsets[-1]))
         return pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, values)})
 
     n = num_proc or min(os.cpu_count() or 1, 8)
@@ -379,7 +488,7 @@ def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str,
     out = cache / "packed" / key
     if (out / "bigtrain_meta.json").is_file():
         return out
-    docs = load_documents(sources, "line" if cfg_data.mode == "line_by_line" else cfg_data.sample_by, cfg_data.text_field, cfg_data.on_decode_error, cache)
+    docs = load_documents(sources, "line" if cfg_data.mode == "line_by_line" else cfg_data.sample_by, cfg_data.text_field, cfg_data.on_decode_error, cache, content_hash)
     if cfg_data.mode == "line_by_line":
         # As transformers' old LineByLineTextDataset: blank and whitespace-only lines are no examples.
         docs = docs.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, batch_size=4096)
@@ -563,11 +672,11 @@ def prepare(cfg, log=print) -> PreparedData:
     d = cfg.data
     cache = cache_root(cfg)
     sources = resolve_sources(d.train_files, "data.train_files")
-    content_hash, replaced = check_sources(sources, "data.train_files", d.on_decode_error, d.text_field)
+    content_hash, replaced = check_sources(sources, "data.train_files", d.on_decode_error, d.text_field, d.max_line_bytes)
     valid_sources, valid_hash = None, None
     if d.valid_files:
         valid_sources = resolve_sources(d.valid_files, "data.valid_files")
-        valid_hash, r2 = check_sources(valid_sources, "data.valid_files", d.on_decode_error, d.text_field)
+        valid_hash, r2 = check_sources(valid_sources, "data.valid_files", d.on_decode_error, d.text_field, d.max_line_bytes)
         replaced += r2
     if replaced:
         log(f"warning: replaced {replaced} undecodable byte(s) with U+FFFD (data.on_decode_error=replace)")

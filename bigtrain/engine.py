@@ -210,36 +210,25 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_ops_once(ds_config: dict) -> None:
-    """JIT-build the C++ ops that offload needs on each node's local rank 0 first, then load them
-    on the other ranks: ranks building the same op at once can trip over each other's files."""
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
+def release_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffers in /dev/shm (RAM): DeepSpeed leaves
+    them behind (tens of MB per rank and run), and they add up until the machine runs out of memory."""
+    import glob
 
-    zero = ds_config.get("zero_optimization") or {}
-    names = []
-    if (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme"):
-        names.append("CPUAdamBuilder")
-    if "nvme" in ((zero.get("offload_optimizer") or {}).get("device"), (zero.get("offload_param") or {}).get("device")):
-        names.append("AsyncIOBuilder")
-    if not names:
+    env = os.environ
+    if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         return
-    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    for turn in (True, False):
-        if turn == first:
-            for name in names:
-                builder = get_accelerator().create_op_builder(name)
-                if builder is not None:
-                    builder.load(verbose=False)
-        if dist.is_initialized():
-            dist.barrier()
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_{env.get('LOCAL_RANK', '0')}"
+    for path in glob.glob(pattern):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def initialize(model, ds_config: dict, weight_decay: float):
     """`deepspeed.initialize` with bigtrain's parameter groups; returns the engine."""
     import deepspeed
-
-    build_ops_once(ds_config)
 
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
     return engine

@@ -115,8 +115,6 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     Everything is written to a temporary sibling directory first and renamed into place, so an
     interrupted export never leaves a half-written model where the old one was.
     """
-    from transformers import AutoConfig
-
     ckpt = resolve_checkpoint(src, what="export")
     if not trust:
         check_pickles(ckpt, what="export")  # DeepSpeed's zero_to_fp32 unpickles freely
@@ -124,7 +122,9 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
     hf = ckpt / "hf"
-    config = AutoConfig.from_pretrained(str(hf))
+    from bigtrain.models import load_pretrained_config
+
+    config = load_pretrained_config(str(hf), where="export")
     lazy = lazy_state_dict(ckpt)
     expected, tied, arch = _expected_keys(config, read_state(ckpt).get("task"))
     missing = sorted(expected - set(lazy) - tied)

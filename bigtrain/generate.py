@@ -10,7 +10,7 @@ from bigtrain.errors import UserError
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
     """Sample a continuation of `prompt` (greedy when temperature is 0)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     p = Path(model_dir)
     if not (p / "config.json").is_file():
@@ -21,8 +21,13 @@ def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, tempe
         raise UserError(f"generate: --temperature must be >= 0, got {temperature}")
     if top_k < 0:
         raise UserError(f"generate: --top-k must be >= 0, got {top_k}")
-    tok = AutoTokenizer.from_pretrained(str(p))
-    model = AutoModelForCausalLM.from_pretrained(str(p))
+    from bigtrain.models import load_pretrained_config
+    from bigtrain.tokenizer import load_tokenizer
+
+    # Never the directory's own code: configs and tokenizers load with trust_remote_code=False.
+    config = load_pretrained_config(str(p), where="generate")
+    tok = load_tokenizer(str(p), where="generate")
+    model = AutoModelForCausalLM.from_pretrained(str(p), config=config, trust_remote_code=False)
     model.eval()
     torch.manual_seed(seed)
     ids = tok(prompt, return_tensors="pt").input_ids

@@ -23,22 +23,35 @@ from bigtrain.errors import UserError
 
 def load_model_dir(model_dir: str):
     """(task, model in eval mode, tokenizer, label names or None) of an exported model directory."""
-    from transformers import AutoConfig
-
-    from bigtrain.models import auto_class, task_of_architecture
+    from bigtrain.models import auto_class, load_pretrained_config, refuse_remote_code, task_of_architecture
     from bigtrain.tokenizer import load_tokenizer
 
     p = Path(model_dir)
-    if not (p / "config.json").is_file():
+    try:
+        found = (p / "config.json").is_file()
+    except OSError:
+        found = False
+    if not found:
         raise UserError(f"{model_dir}: not a model directory (no config.json); give a bigtrain export such as RUN_DIR/model")
-    config = AutoConfig.from_pretrained(str(p))
+    # trust_remote_code=False throughout: a directory whose auto_map points at its own Python files
+    # is refused, never imported (transformers would otherwise prompt, and run it on "y").
+    config = load_pretrained_config(str(p), where="MODEL_DIR")
     task = task_of_architecture(config)
     tokenizer = load_tokenizer(p, where="MODEL_DIR")
-    model = auto_class(task).from_pretrained(str(p))
-    model.eval()
     names = None
     if task in ("classify", "token_classify"):
-        names = [config.id2label[i] for i in range(config.num_labels)]
+        id2label = getattr(config, "id2label", None) or {}
+        try:
+            names = [str(id2label[i]) for i in range(config.num_labels)]
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{model_dir}/config.json: id2label does not name labels 0..num_labels-1 ({config.num_labels} labels)") from None
+    try:
+        model = auto_class(task).from_pretrained(str(p), config=config, trust_remote_code=False)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - missing or mismatched weights: a bad model directory
+        refuse_remote_code(p, "MODEL_DIR", e)
+    model.eval()
     return task, model, tokenizer, names
 
 

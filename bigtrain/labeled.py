@@ -46,6 +46,9 @@ LABEL_NAME = "label"
 _ID_NAMES = ("id", "idx", "index", "guid")  # columns ignored without comment
 _KNOWN_NAMES = set(TEXT_A_NAMES) | set(TEXT_B_NAMES) | {LABEL_NAME} | set(_ID_NAMES)
 _INT_RE = re.compile(r"[+-]?\d+")
+# A labeled text is a sentence or a paragraph. A longer one is a broken row (a lost quote or line
+# end): the tokenizer would encode all of it (~100x its size in memory) to keep data.seq_len tokens.
+MAX_TEXT_CHARS = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -194,6 +197,10 @@ def _example(path: PathLike, line: int, bad: _BadRows, text_a: Optional[str], te
     text_a = (text_a or "").strip()
     if not text_a:
         bad(line, "empty text")
+        return None
+    longest = max(len(text_a), len(text_b or ""))
+    if longest > MAX_TEXT_CHARS:
+        bad(line, f"a text of {longest:,} characters (at most {MAX_TEXT_CHARS:,}): a lost quote or line end?")
         return None
     if has_b:
         text_b = (text_b or "").strip()

@@ -53,6 +53,8 @@ def auto_class(task: str):
 def task_of_architecture(config) -> str:
     """Which task an exported model was trained for, from its config's architectures."""
     for arch in getattr(config, "architectures", None) or []:
+        if not isinstance(arch, str):
+            continue
         if arch.endswith("ForSequenceClassification"):
             return "classify"
         if arch.endswith("ForTokenClassification"):
@@ -81,27 +83,158 @@ def preset_config(name: str, overrides: dict, vocab_size: int | None, where: str
     return cfg
 
 
+# Sizes that must be positive integers, with a ceiling far above any real model that still keeps
+# a typo such as n_layer=10**30 from building modules (even on the meta device) until memory ends.
+_LAYERS = ("n_layer", "num_hidden_layers")
+_SIZES = {
+    **{k: 1 << 14 for k in _LAYERS},
+    **{k: 1 << 20 for k in ("n_embd", "hidden_size", "intermediate_size", "n_inner")},
+    **{k: 1 << 16 for k in ("n_head", "num_attention_heads", "num_key_value_heads")},
+    **{k: 1 << 24 for k in ("n_positions", "max_position_embeddings", "vocab_size", "type_vocab_size")},
+}
+# (width, heads) pairs: attention splits the width evenly over the heads.
+_DIVIDES = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads"))
+
+
+def _check_override_value(cfg, key: str, value: Any) -> Any:
+    """`value` must have the type of the field's default (a None default leaves it to the config
+    class); returns it, an int widened to float for a float field (`layer_norm_epsilon=1`)."""
+    import math
+
+    where = f"model.config.{key}"
+    default = getattr(cfg, key, None)
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    if value is None or default is None:
+        ok = True
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{where}: must be a finite number, got {shown}")
+        if ok and isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:
+                raise UserError(f"{where}: must be a finite number, got {shown}") from None
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        raise UserError(f"{where}: must be {type(default).__name__} like the default {default!r}, got {type(value).__name__} {shown}")
+    if key in _SIZES and value is not None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _SIZES[key]:
+            raise UserError(f"{where}: must be an integer in [1, {_SIZES[key]}], got {shown}")
+    return value
+
+
 def apply_overrides(cfg, overrides: dict) -> None:
     known = set(cfg.to_dict())
     for key, value in overrides.items():
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f" (did you mean 'model.config.{close[0]}'?)" if close else ""
             raise UserError(f"model.config.{key}: not a field of {type(cfg).__name__}{hint}")
-        setattr(cfg, key, value)
+        value = _check_override_value(cfg, key, value)
+        try:
+            setattr(cfg, key, value)
+        except Exception as e:  # noqa: BLE001 - transformers' configs validate their fields' types themselves
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise UserError(f"model.config.{key}: {type(cfg).__name__} refuses {value!r}: {why}") from None
+    for width, heads in _DIVIDES:
+        w, h = getattr(cfg, width, None), getattr(cfg, heads, None)
+        if isinstance(w, int) and isinstance(h, int) and h > 0 and w % h:
+            keys = [k for k in (width, heads) if k in overrides] or [width]
+            raise UserError(f"model.config.{keys[0]}: {width}={w} must be a multiple of {heads}={h}")
 
 
 def position_limit(cfg) -> int | None:
     return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
 
 
-def load_pretrained_config(path: str):
+def remote_code_files(path: str | Path) -> list[str]:
+    """The files of a model directory that map classes to custom Python code (`auto_map`)."""
+    import json
+
+    found = []
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            found.append(name)
+    return found
+
+
+def refuse_remote_code(path: str | Path, where: str, error: BaseException) -> None:
+    """Raise the UserError for `error` (from loading `path` with trust_remote_code=False)."""
+    text = str(error)
+    first = text.splitlines()[0] if text else type(error).__name__
+    custom = remote_code_files(path)
+    if custom or "trust_remote_code" in text or "custom code" in text:
+        raise UserError(
+            f"{where}: {path} needs trust_remote_code: its {' and '.join(custom) or 'config'} maps classes to custom Python "
+            "code in the directory (auto_map), and bigtrain never runs code from a model directory; use a model and "
+            "tokenizer of classes that transformers ships"
+        ) from None
+    raise UserError(f"{where}: cannot load {path}: {first}") from None
+
+
+def check_pretrained_dir(path: str, where: str) -> None:
+    """Early check of model.from_pretrained when the config is loaded, before anything runs: a
+    local directory whose config.json is a JSON object, of an architecture transformers ships
+    (an `auto_map` to the directory's own code is refused: bigtrain never sets trust_remote_code)."""
+    import json
+
+    config = Path(path) / "config.json"
+    try:
+        text = config.read_text(encoding="utf-8") if config.is_file() else None
+    except OSError:
+        text = None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{config}: not valid UTF-8 at byte {e.start}") from None
+    if text is None:
+        raise UserError(f"{where}: {path} is not a local model directory with a config.json (bigtrain never downloads from a hub)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{config}: invalid JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config}:1: must hold a JSON object")
+    if data.get("auto_map"):
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if data.get("model_type") not in CONFIG_MAPPING_NAMES:
+            refuse_remote_code(path, where, ValueError("custom code"))
+
+
+def load_pretrained_config(path: str, where: str = "model.from_pretrained"):
+    """The transformers config of a local model directory; never runs code shipped with it."""
     from transformers import AutoConfig
 
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise UserError(f"model.from_pretrained: {path} is not a local model directory with a config.json (bigtrain never downloads from a hub)")
-    return AutoConfig.from_pretrained(str(p))
+    try:
+        found = (p / "config.json").is_file()
+    except OSError:
+        found = False
+    if not found:
+        raise UserError(f"{where}: {path} is not a local model directory with a config.json (bigtrain never downloads from a hub)")
+    try:
+        # trust_remote_code=False, never None: with None, transformers asks on the terminal whether
+        # to run an auto_map's code, and a "y" would run it.
+        return AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is a bad directory
+        refuse_remote_code(p, where, e)
 
 
 def count_parameters(model) -> int:

@@ -7,6 +7,7 @@ exported model directory loads with `AutoTokenizer.from_pretrained(DIR)`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,36 @@ from bigtrain.errors import UserError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+
+
+# Tokenizer training sees texts in pieces of at most _PIECE_CHARS characters, cut at whitespace,
+# and no run without whitespace longer than _RUN_CHARS. The `tokenizers` trainers hold a whole
+# text's pre-tokens in memory at once, and their BPE merge loop is quadratic in the length of one
+# pre-token: a 200 KB line of "aaaa..." took a minute, 5 MB did not finish in 5. Only the counts of
+# words matter for training, so cutting pathological runs changes no real vocabulary.
+_PIECE_CHARS = 1 << 20
+_RUN_CHARS = 1000
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d}" % _RUN_CHARS)  # a run's start: linear, no re-scan inside runs
+_WHOLE_RUN = re.compile(r"(?<!\S)\S{%d,}" % _RUN_CHARS)
+
+
+def training_pieces(texts: Iterable[str]) -> Iterator[str]:
+    """`texts` cut into whitespace-bounded pieces for the tokenizer trainers (see _PIECE_CHARS)."""
+    for text in texts:
+        if len(text) <= _PIECE_CHARS and not _LONG_RUN.search(text):
+            yield text
+            continue
+        start = 0
+        while start < len(text):
+            end = min(start + _PIECE_CHARS, len(text))
+            if end < len(text):
+                cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+                end = cut if cut > start else end
+            piece = text[start:end]
+            if _LONG_RUN.search(piece):
+                piece = _WHOLE_RUN.sub(lambda m: " ".join(m.group(0)[i : i + _RUN_CHARS] for i in range(0, len(m.group(0)), _RUN_CHARS)), piece)
+            yield piece
+            start = end
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Path:
@@ -33,7 +64,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike)
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(training_pieces(texts), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
     return _save_atomically(fast, out_dir)
 
@@ -53,7 +84,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: str | os.Pat
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(training_pieces(texts), trainer=trainer)
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -86,11 +117,23 @@ def load_tokenizer(path: str | os.PathLike, where: str = "data.tokenizer"):
     from transformers import AutoTokenizer
 
     p = Path(path)
-    if not p.is_dir():
+    try:
+        found = p.is_dir()
+    except OSError:  # e.g. a name too long
+        found = False
+    if not found:
         raise UserError(f"{where}: tokenizer directory not found: {path} (bigtrain never downloads from a hub)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
+        # trust_remote_code=False, never None: with None, transformers asks on the terminal whether
+        # to run the directory's own tokenizer code (auto_map), and runs it on "y".
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any load failure is a bad directory
+        from bigtrain.models import remote_code_files
+
+        if remote_code_files(p) or "trust_remote_code" in str(e):
+            from bigtrain.models import refuse_remote_code
+
+            refuse_remote_code(p, where, e)
         raise UserError(f"{where}: cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tok.eos_token_id is None and tok.sep_token_id is None:
         raise UserError(f"{where}: tokenizer in {path} has neither an EOS nor a [SEP] token, which packing needs to separate documents")

@@ -37,6 +37,7 @@ from bigtrain.engine import (
     dist_env,
     init_distributed,
     initialize,
+    release_shm_buffers,
     precision_of,
     setup_accelerator,
 )
@@ -90,6 +91,7 @@ class StopSignal:
         if self.watchdog is not None and self.watchdog.stuck:
             print(f"rank {self.watchdog.rank} is stuck (see the watchdog's stacks): exiting on signal {signum} without a checkpoint",
                   file=sys.stderr, flush=True)
+            release_shm_buffers()
             os._exit(RANK_LOST_EXIT_CODE)
         self._signal = signum
 
@@ -203,6 +205,10 @@ class Trainer:
                 p = self.output_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         init_distributed(self.on_cpu, cfg.deepspeed.timeout_minutes)
+        if self.on_cpu:
+            import atexit
+
+            atexit.register(release_shm_buffers)
         self.device = torch.device("cpu") if self.on_cpu else torch.device("cuda", self.env.local_rank)
         if rank != 0 and not self.labeled:
             self.prepared = prepare(cfg, log=lambda *a: None)
@@ -446,7 +452,7 @@ class Trainer:
                         if timer is not None:
                             timer.mark("forward")
                         # Checked before backward, so a bad batch never touches the weights.
-                        nonfinite = None if self.bench else self._nonfinite_ranks(loss)
+                        nonfinite = self._nonfinite_ranks(loss)
                         if nonfinite:
                             if i > 0:  # earlier micro-batches already hold gradients in DeepSpeed
                                 self.nonfinite_stop = "with gradient accumulation a step cannot be skipped after its first micro-batch"
@@ -462,10 +468,10 @@ class Trainer:
                     self.samples_seen += self.global_batch
                     watchdog.step_finished()
                     skipped = self.loss_scale_watch.after_step(self.step) if self.loss_scale_watch is not None else None
-                    if not nonfinite and not self.bench and self.precision != "fp16":  # fp16 overflows are DeepSpeed's (skipped above)
+                    if not nonfinite and self.precision != "fp16":  # fp16 overflows are DeepSpeed's (skipped above)
                         norm = self.engine.get_global_grad_norm()
                         if norm is not None and not math.isfinite(float(norm)):
-                            self.diverged = f"the gradient norm of step {self.step} is {float(norm)} with a finite loss, and the step was applied"
+                            self.diverged = f"the gradient norm of step {self.step} is {float(norm)} with a finite loss (the weights may be damaged)"
                 except Exception as e:  # DeepSpeed's own stop at the loss-scale floor is a bare Exception
                     if DEEPSPEED_MIN_SCALE_MESSAGE not in str(e):
                         raise
@@ -550,8 +556,11 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
+        bad = ~torch.isfinite(loss.detach().float())
+        if self.env.world_size == 1:
+            return [0] if bad.item() else []
         flags = torch.zeros(self.env.world_size, device=self.device)
-        flags[self.env.rank] = (~torch.isfinite(loss.detach().float())).float()
+        flags[self.env.rank] = bad.float()
         dist.all_reduce(flags, op=dist.ReduceOp.SUM)
         return [r for r, f in enumerate(flags.tolist()) if f]
 
@@ -742,6 +751,7 @@ def run_trainer(trainer: Trainer) -> int:
         print(f"error: rank {trainer.env.rank}: {e}; {kept}. Restart the job with --resume auto.", file=sys.stderr, flush=True)
         sys.stdout.flush()
         # The process group is broken: tearing it down could block on the lost peer.
+        release_shm_buffers()
         os._exit(RANK_LOST_EXIT_CODE)
     if trainer.preempted:
         return PREEMPTED_EXIT_CODE

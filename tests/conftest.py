@@ -11,6 +11,15 @@ import pytest
 from common import REPO, STDLIB, run_cli  # noqa: E402,F401 - shared with the test modules
 
 
+@pytest.fixture(autouse=True)
+def _release_deepspeed_shm():
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM) outlive killed ranks: remove them after
+    every test (no rank of a finished test is still running), or the suite runs out of memory."""
+    yield
+    for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        p.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bigtrain-cache")
