@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
@@ -506,18 +506,14 @@ def validate(cfg: Config, where_of) -> None:
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise UserError(f"{where_of('deepspeed.offload_optimizer')}: 'deepspeed.offload_optimizer={ds.offload_optimizer}' needs deepspeed.zero_stage >= 1")
     _check_json_mapping(cfg.model.config, "model.config", where_of)
-    user = load_user_ds_config(ds.config, where_of("deepspeed.config"))
+    user = user_ds_config(cfg, where_of)
     _check_json_mapping(user, "deepspeed.config", where_of)
     for section in DS_SECTIONS:
         if section in user and not isinstance(user[section], dict):
             raise UserError(f"{where_of('deepspeed.config')}: deepspeed.config '{section}' must be a mapping, got {_show(user[section])}")
-    fp16_on = bool((user.get("fp16") or {}).get("enabled")) if isinstance(user.get("fp16"), dict) else False
-    bf16_on = bool((user.get("bf16") or {}).get("enabled")) if isinstance(user.get("bf16"), dict) else False
-    if fp16_on and bf16_on:
-        raise UserError(f"{where_of('deepspeed.config')}: deepspeed.config enables both fp16 and bf16; choose one (deepspeed.precision)")
-    if (fp16_on and ds.precision == "bf16") or (bf16_on and ds.precision == "fp16"):
-        other = "fp16" if fp16_on else "bf16"
-        raise UserError(f"{where_of('deepspeed.precision')}: deepspeed.precision={ds.precision} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
+    from bigtrain.engine import decide_precision
+
+    decide_precision(cfg, None, where_of)  # conflicts between deepspeed.precision and deepspeed.config
     if cfg.model.from_pretrained:
         from bigtrain.models import check_pretrained_dir
 
@@ -540,7 +536,7 @@ def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
             f"{where_of('train.global_batch_size')}: train.global_batch_size={t.global_batch_size} does not divide into "
             f"micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum} x world_size={world_size} = {global_batch}{hint}"
         )
-    user = load_user_ds_config(cfg.deepspeed.config, where_of("deepspeed.config"))
+    user = user_ds_config(cfg, where_of)
     for key, ours in (("train_micro_batch_size_per_gpu", t.micro_batch_size), ("gradient_accumulation_steps", t.grad_accum), ("train_batch_size", global_batch)):
         theirs = user.get(key)
         if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs != ours:
@@ -621,3 +617,13 @@ def config_keys_doc() -> list[tuple[str, Any]]:
 def cache_root(cfg: Config) -> Path:
     root = cfg.data.cache_dir or os.environ.get("BIGTRAIN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bigtrain")
     return Path(root)
+
+
+def user_ds_config(cfg: Config, where: Optional[Callable[[str], str]] = None) -> dict:
+    """The user's own ds_config (`deepspeed.config`), parsed once per Config and kept on it."""
+    cached = cfg.__dict__.get("_user_ds_config")
+    if cached is None:
+        locate = where or (lambda key: where_of(cfg, key))
+        cached = load_user_ds_config(cfg.deepspeed.config, locate("deepspeed.config"))
+        cfg.__dict__["_user_ds_config"] = cached
+    return cached

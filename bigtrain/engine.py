@@ -16,7 +16,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any, Callable, Optional
 
-from bigtrain.config import Config, check_batch, load_user_ds_config, where_of
+from bigtrain.config import Config, check_batch, user_ds_config, where_of
 from bigtrain.errors import UserError
 
 
@@ -81,14 +81,25 @@ def init_distributed(on_cpu: bool, timeout_minutes: float) -> None:
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=timeout_minutes))
 
 
-def resolve_precision(cfg: Config, on_cpu: bool) -> str:
+def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """The one place that decides fp32, bf16 or fp16, from deepspeed.precision and the user's
+    deepspeed.config. Refuses contradictions; with on_cpu=None (config validation, no device
+    known yet) it only checks them and returns None."""
+    where = where or (lambda key: where_of(cfg, key))
+    user = user_ds_config(cfg, where)
+    fp16_on = isinstance(user.get("fp16"), dict) and bool(user["fp16"].get("enabled"))
+    bf16_on = isinstance(user.get("bf16"), dict) and bool(user["bf16"].get("enabled"))
     p = cfg.deepspeed.precision
-    user = load_user_ds_config(cfg.deepspeed.config, where_of(cfg, "deepspeed.config"))
+    if fp16_on and bf16_on:
+        raise UserError(f"{where('deepspeed.config')}: deepspeed.config enables both fp16 and bf16; choose one (deepspeed.precision)")
+    if (fp16_on and p == "bf16") or (bf16_on and p == "fp16"):
+        other = "fp16" if fp16_on else "bf16"
+        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision={p} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
+    if on_cpu is None:
+        return None
     if p == "auto":
-        if isinstance(user.get("fp16"), dict) and user["fp16"].get("enabled") is True:
-            p = "fp16"
-        elif isinstance(user.get("bf16"), dict) and user["bf16"].get("enabled") is True:
-            p = "bf16"
+        if fp16_on or bf16_on:
+            p = "fp16" if fp16_on else "bf16"
         elif on_cpu:
             p = "fp32"
         else:
@@ -96,7 +107,7 @@ def resolve_precision(cfg: Config, on_cpu: bool) -> str:
 
             p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if p == "fp16" and on_cpu:
-        raise UserError(f"{where_of(cfg, 'deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
+        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
     return p
 
 
@@ -141,7 +152,7 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
     """The full DeepSpeed JSON for this run."""
     t, ds = cfg.train, cfg.deepspeed
     global_batch = check_batch(cfg, world_size, lambda k: where_of(cfg, k))
-    precision = resolve_precision(cfg, on_cpu)
+    precision = decide_precision(cfg, on_cpu)
     values = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -176,13 +187,12 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
             entry.setdefault("pin_memory", not on_cpu)
             if key == "nvme":
                 entry.setdefault("nvme_path", ds.nvme_path)
-    if on_cpu and ds.offload_optimizer == "none":
-        # On CPU, DeepSpeed's FusedAdam is a JIT-compiled op; torch's AdamW is the same math.
-        conf["optimizer"]["params"]["torch_adam"] = True
-    user = load_user_ds_config(ds.config, where_of(cfg, "deepspeed.config"))
-    conf = deep_merge(conf, user)
-    if conf.get("fp16", {}).get("enabled") is True and conf.get("bf16", {}).get("enabled") is True:
-        raise UserError(f"{where_of(cfg, 'deepspeed.config')}: fp16 and bf16 are both enabled; choose one with deepspeed.precision")
+    if ds.offload_optimizer == "none" and (on_cpu or (precision == "fp32" and ds.zero_stage == 0)):
+        # torch's fused AdamW: on CPU DeepSpeed's FusedAdam would be a JIT-compiled op (same
+        # math), and with fp32 at ZeRO-0, where DeepSpeed has no overflow check, it is the one
+        # optimizer that can skip a non-finite step on the device (`found_inf`, see steps.py).
+        conf["optimizer"]["params"].update(torch_adam=True, fused=True)
+    conf = deep_merge(conf, user_ds_config(cfg))
     return conf
 
 

@@ -8,7 +8,6 @@ label names from its `id2label`. No DeepSpeed: the model is loaded whole with tr
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -70,73 +69,58 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print) -> dict:
-    """Metrics of MODEL_DIR on data.valid_files (else data.train_files); printed and written as JSON."""
-    import torch
-
+    """Metrics of MODEL_DIR on data.valid_files (else data.train_files); printed and written as JSON.
+    The evaluation is the trainer's own (`Task.evaluate`), on one process."""
     task, model, tokenizer, names = load_model_dir(model_dir)
     files = cfg.data.valid_files or cfg.data.train_files
     device = _device()
     model.to(device)
-    micro = cfg.train.micro_batch_size
     if task in ("classify", "token_classify"):
-        if len(files) != 1:
-            raise UserError(f"data.valid_files: bigtrain eval reads one labeled file; got {len(files)}")
-        examples = tasks.read_examples(task, str(files[0]), cfg.data.format, cfg.data.on_bad_rows, log)
-        from bigtrain.labeled import check_known_labels
-
-        check_known_labels(examples, names, str(files[0]))
-        data = tasks.tokenize_examples(task, examples, tokenizer, {n: i for i, n in enumerate(names)}, cfg.data.seq_len)
-        if not hasattr(model.config, "type_vocab_size"):
-            data.token_type_ids = None
-        gold, pred, loss_sum = [], [], 0.0
-        with torch.no_grad():
-            for start in range(0, len(data), micro):
-                idx = list(range(start, min(start + micro, len(data))))
-                batch = {k: v.to(device) for k, v in data.batch(idx).items()}
-                out = model(**batch)
-                g, p = tasks.predictions(task, out.logits.float(), batch["labels"])
-                gold += g
-                pred += p
-                loss_sum += out.loss.item() * len(idx)
-        metrics, report = tasks.score(task, gold, pred, names)
-        result = {"task": task, "file": str(files[0]), "examples": len(data), "eval_loss": loss_sum / len(data), **metrics}
+        evaluator, described = _labeled_evaluator(task, cfg, files, model, tokenizer, names, log)
     else:
-        from bigtrain.data import TokenBlocks, prepare, to_model_batch
-
-        cfg.task = task
-        cfg.data.tokenizer = str(model_dir)
-        cfg.data.train_files = list(files)
-        cfg.data.valid_files = None
-        prepared = prepare(cfg, log=log)
-        blocks = TokenBlocks(prepared.train_path)
-        n = min(len(blocks), cfg.train.eval_batches * micro)
-        masker = tasks.MLMMasker(tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed) if task == "mlm" else None
-        loss_sum, targets, correct = 0.0, 0, 0
-        with torch.no_grad():
-            for start in range(0, n, micro):
-                batch = to_model_batch(blocks.take(np.arange(start, min(start + micro, n))), tokenizer.pad_token_id)
-                batch.pop("segment_ids", None)
-                if masker is not None:
-                    batch = masker(batch, -1 - start)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                labels = batch["labels"]
-                t = int(((labels[:, 1:] if masker is None else labels) != -100).sum())
-                out = model(**batch)
-                loss_sum += out.loss.item() * t
-                targets += t
-                if masker is not None:
-                    correct += int(((out.logits.argmax(-1) == labels) & (labels != -100)).sum())
-        loss = loss_sum / max(targets, 1)
-        result = {"task": task, "files": [str(f) for f in files], "blocks": n, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
-        if masker is not None:
-            result["eval_accuracy"] = correct / max(targets, 1)
-        report = "\n".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        evaluator, described = _lm_evaluator(task, cfg, files, model_dir, tokenizer, log)
+    evaluation = evaluator.evaluate(lambda batch: model(**batch), tasks.Comm(device=device))
+    result = {"task": task, **described, **evaluation.record}
+    report = evaluation.report or "\n".join(f"{k}: {v:.4f}" for k, v in result.items() if isinstance(v, float))
     out_path = Path(output) if output else Path(model_dir) / "eval_results.json"
     _write_atomically(out_path, json.dumps(result, indent=1) + "\n")
     print(report)
     print(json.dumps(result))
     log(f"metrics written to {out_path}")
     return result
+
+
+def _labeled_evaluator(task: str, cfg, files: list, model, tokenizer, names: list, log) -> tuple:
+    if len(files) != 1:
+        raise UserError(f"data.valid_files: bigtrain eval reads one labeled file; got {len(files)}")
+    from bigtrain.labeled import check_known_labels
+
+    examples = tasks.read_examples(task, str(files[0]), cfg.data.format, cfg.data.on_bad_rows, log)
+    check_known_labels(examples, names, str(files[0]))
+    cfg.task = task
+    evaluator = tasks.LabeledTask(cfg)
+    evaluator.label_names = names
+    evaluator.valid_set = tasks.tokenize_examples(task, examples, tokenizer, {n: i for i, n in enumerate(names)}, cfg.data.seq_len)
+    evaluator.valid_indices = np.arange(len(evaluator.valid_set))
+    if not hasattr(model.config, "type_vocab_size"):
+        evaluator.valid_set.token_type_ids = None
+    return evaluator, {"file": str(files[0]), "examples": len(evaluator.valid_set)}
+
+
+def _lm_evaluator(task: str, cfg, files: list, model_dir: str, tokenizer, log) -> tuple:
+    from bigtrain.data import TokenBlocks, prepare
+
+    cfg.task = task
+    cfg.data.tokenizer = str(model_dir)
+    cfg.data.train_files = list(files)
+    cfg.data.valid_files = None
+    blocks = TokenBlocks(prepare(cfg, log=log).train_path)
+    n = min(len(blocks), cfg.train.eval_batches * cfg.train.micro_batch_size)
+    evaluator = tasks.LMTask(cfg)
+    evaluator.tokenizer, evaluator.valid_blocks, evaluator.valid_indices = tokenizer, blocks, np.arange(n)
+    if task == "mlm":
+        evaluator.masker = tasks.MLMMasker(tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed)
+    return evaluator, {"files": [str(f) for f in files], "blocks": n}
 
 
 def predict_file(model_dir: str, input_path: str, output: Optional[str], fmt: Optional[str], batch_size: int, on_bad_rows: str, log=print) -> int:

@@ -1,4 +1,19 @@
-"""Local multi-process launch: `bigtrain train --nproc N` re-runs itself under the deepspeed launcher."""
+"""Local multi-process launch: `bigtrain train --nproc N` starts N ranks of itself on this machine.
+
+The ranks are started directly, as torchrun does, with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT in their environment: one Python process per rank and this one waiting. (It used
+to go through DeepSpeed's launcher, which adds two more Python processes that each import
+DeepSpeed: seconds per run, and nothing the ranks need. `deepspeed --num_gpus N --module bigtrain`
+still works and is tested.)
+
+The parent's duties:
+- SIGUSR1 and SIGTERM sent to it reach every rank as SIGUSR1, so they finish the step, save a
+  checkpoint and exit with the preemption code.
+- When a rank dies, the others get time to notice (their next collective fails and they exit with
+  the lost-rank code, naming the rank) before they are stopped (`_wait_all`).
+- The exit code is the most telling one among the ranks: a bigtrain code (2 bad input, 3 diverged,
+  4 a rank lost, 75 preempted) before any other non-zero code, else 0.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +21,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from bigtrain.engine import free_port, has_cuda
+
+TERM_AFTER = 10.0
+GRACE_SECONDS = 60.0
+# Exit codes that say what happened, most specific first.
+TELLING_CODES = (2, 4, 3, 75)
 
 
 def under_launcher() -> bool:
@@ -15,54 +36,68 @@ def under_launcher() -> bool:
     return ("RANK" in env and "WORLD_SIZE" in env) or int(env.get("SLURM_NTASKS", "1") or 1) > 1
 
 
-def _rank_processes(root_pid: int) -> list:
-    """The training ranks below the launcher (not the launcher processes themselves)."""
-    import psutil
-
-    try:
-        kids = psutil.Process(root_pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    ranks = []
-    for p in kids:
-        try:
-            cmd = p.cmdline()
-        except psutil.Error:
-            continue
-        if "bigtrain" in cmd and "deepspeed.launcher.runner" not in cmd and "deepspeed.launcher.launch" not in cmd:
-            ranks.append(p)
-    return ranks
-
-
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Start `nproc` ranks of `bigtrain <argv>` on this machine through DeepSpeed's launcher.
-
-    SIGUSR1 and SIGTERM sent to this process reach the ranks as SIGUSR1, so they finish the
-    step, save a checkpoint and exit with the preemption code (DeepSpeed's launcher would kill
-    them on SIGTERM without a checkpoint).
-    """
-    env = dict(os.environ)
+def rank_env(base: dict, rank: int, nproc: int, port: int) -> dict:
+    env = dict(base)
     if not has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
     # Each rank gets an even share of the cores instead of every rank spawning one thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    cmd = [
-        sys.executable, "-u", "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "--no_local_rank", "--module", "bigtrain", *argv,
-    ]
-    proc = subprocess.Popen(cmd, env=env)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return env
+
+
+def exit_code(codes: list) -> int:
+    """One exit code for the job from the ranks' codes (None: still running, treated as killed)."""
+    for telling in TELLING_CODES:
+        if telling in codes:
+            return telling
+    return next((c if c is not None and c > 0 else 1 for c in codes if c != 0), 0)
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Start `nproc` ranks of `bigtrain <argv>` on this machine and wait for them."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-u", "-m", "bigtrain", *argv], env=rank_env(os.environ, r, nproc, port))
+             for r in range(nproc)]
 
     def forward(signum, frame) -> None:  # noqa: ARG001
-        for p in _rank_processes(proc.pid):
-            try:
+        for p in procs:
+            if p.poll() is None:
                 p.send_signal(signal.SIGUSR1)
-            except Exception:  # noqa: BLE001 - a rank that already exited needs nothing
-                pass
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        return proc.wait()
+        return exit_code(_wait_all(procs))
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _wait_all(procs: list) -> list:
+    """Wait for every rank. Once one has failed, the others get TERM_AFTER seconds to end by
+    themselves, then SIGTERM (a stuck rank exits at once on it, see trainer.StopSignal), then
+    SIGKILL after GRACE_SECONDS."""
+    failed_at, termed = None, False
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = time.monotonic()
+        waited = time.monotonic() - failed_at if failed_at is not None else 0.0
+        if waited > TERM_AFTER and not termed:
+            termed = True
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        if waited > GRACE_SECONDS:
+            for rank, p in enumerate(procs):
+                if p.poll() is None:
+                    print(f"bigtrain: rank {rank} still running {GRACE_SECONDS:.0f}s after another rank failed: killing it", file=sys.stderr, flush=True)
+                    p.kill()
+            return [p.wait() for p in procs]
+        time.sleep(0.1)

@@ -1,11 +1,90 @@
-"""Metrics on rank 0: metrics.jsonl (one JSON object per line), TensorBoard, and a loss-curve PNG."""
+"""What a run tells: log lines, metrics.jsonl (one JSON object per line), TensorBoard, a progress
+bar and a loss-curve PNG, all from rank 0, all through one object (`RunLog`).
+
+Log lines go through the standard `logging` module (logger "bigtrain"): rank 0 shows INFO and
+above, the other ranks only warnings and errors, prefixed with their rank. While the progress bar
+is on screen, lines are written through tqdm so the bar stays intact.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 from pathlib import Path
 from typing import Optional
+
+logger = logging.getLogger("bigtrain")
+
+
+class _TqdmAwareHandler(logging.Handler):
+    """stderr, through tqdm.write while a bar is shown (so the bar is redrawn below the line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bar = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = self.format(record)
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never end a run
+            self.handleError(record)
+
+
+_handler = _TqdmAwareHandler()
+
+
+def setup_logging(rank: int) -> logging.Logger:
+    """Configure the "bigtrain" logger for this rank (idempotent)."""
+    fmt = "%(message)s" if rank == 0 else f"rank {rank}: %(message)s"
+    _handler.setFormatter(logging.Formatter(fmt))
+    if _handler not in logger.handlers:
+        logger.addHandler(_handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    return logger
+
+
+class RunLog:
+    """Rank 0's metrics.jsonl + TensorBoard, the progress bar, and the log lines of every rank."""
+
+    def __init__(self, output_dir: Path, rank: int, resume_step: Optional[int] = None) -> None:
+        self.rank = rank
+        self.log = setup_logging(rank)
+        self.writer = MetricsWriter(output_dir, rank == 0, resume_step=resume_step)
+        self.bar = None
+
+    def info(self, message: str) -> None:
+        self.log.info(message)
+
+    def record(self, record: dict) -> None:
+        self.writer.write(record)
+
+    def open_bar(self, start: int, total: int, enabled: bool) -> None:
+        if self.rank == 0 and enabled:
+            from tqdm import tqdm
+
+            self.bar = _handler.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def advance(self, **postfix) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(**postfix)
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = _handler.bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        self.writer.close()
 
 
 class MetricsWriter:
@@ -38,7 +117,7 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        if not self.enabled:
+        if not self.enabled or self._file.closed:
             return
         self._file.close()
         if self._tb is not None:

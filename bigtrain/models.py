@@ -240,3 +240,85 @@ def load_pretrained_config(path: str, where: str = "model.from_pretrained"):
 def count_parameters(model) -> int:
     # ZeRO-3 partitions parameters; ds_numel keeps the full size.
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- building the trainer's model
+
+
+def attn_implementation(choice: str, on_cpu: bool) -> str:
+    """model.attn_implementation: "auto" is torch's SDPA on CPU, bigtrain's fused kernel on a GPU."""
+    if choice == "auto":
+        return "sdpa" if on_cpu else "bigtrain_triton"
+    return choice
+
+
+def model_config(cfg, tokenizer, task):
+    """The transformers config of the run's model: a preset sized to the tokenizer, or a
+    pretrained directory's config with the overrides; then what the task needs (labels)."""
+    from bigtrain.config import where_of
+    from bigtrain.errors import UserError
+
+    vocab = len(tokenizer)
+    if cfg.model.from_pretrained:
+        hf = load_pretrained_config(cfg.model.from_pretrained)
+        apply_overrides(hf, cfg.model.config)
+        vocab = max(vocab, getattr(hf, "vocab_size", vocab))  # a larger tokenizer: build_model resizes the embedding
+    else:
+        # Round the vocabulary up to a multiple of 64: faster matmuls, same model.
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": bos, "pad_token_id": tokenizer.pad_token_id}
+        hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((vocab + 63) // 64) * 64, where=where_of(cfg, "model.preset"), special_ids=ids)
+    if hf.vocab_size < vocab:
+        raise UserError(f"{where_of(cfg, 'model.config')}: the tokenizer has {vocab} tokens but the model's embedding holds {hf.vocab_size} (model.config.vocab_size)")
+    limit = position_limit(hf)
+    if limit is not None and cfg.data.seq_len > limit:
+        raise UserError(f"{where_of(cfg, 'data.seq_len')}: data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
+    task.configure(hf)
+    hf.use_cache = False
+    hf.eos_token_id = tokenizer.eos_token_id
+    hf.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    hf.pad_token_id = tokenizer.pad_token_id
+    return hf
+
+
+def count_parameters_meta(task_name: str, hf_config) -> int:
+    """Parameters of the model, counted on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in auto_class(task_name).from_config(hf_config).parameters())
+
+
+def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, tokenizer_size: int):
+    """The transformers model; returns (model, the HfDeepSpeedConfig to hold while ZeRO-3's
+    zero.Init construction is on, or None)."""
+    if attn == "bigtrain_triton":
+        import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
+    # Import the model's module (and torch._dynamo, which transformers' masking pulls in)
+    # before zero.Init patches tensor construction: importing them inside it fails.
+    import torch._dynamo  # noqa: F401
+
+    head = auto_class(cfg.task)
+    head._model_mapping[type(hf_config)]
+    holder = None
+    zero_init = cfg.deepspeed.zero3_init
+    if zero_init == "auto":
+        zero_init = count_parameters_meta(cfg.task, hf_config) > 1_000_000_000
+    if ds_config["zero_optimization"]["stage"] == 3 and zero_init:
+        # transformers' ZeRO-3 integration: from_config/from_pretrained create the parameters
+        # partitioned (deepspeed.zero.Init) and gather them for weight init and loading.
+        # transformers keeps only a weak reference to this object: the caller holds it.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        holder = HfDeepSpeedConfig(ds_config)
+    if cfg.model.from_pretrained:
+        # A new task head (e.g. a classifier on a pretrained encoder or GPT) starts at random;
+        # a head of another size (other labels) is replaced.
+        model = head.from_pretrained(cfg.model.from_pretrained, config=hf_config, attn_implementation=attn, ignore_mismatched_sizes=labeled)
+        if model.get_input_embeddings().weight.shape[0] < tokenizer_size:
+            model.resize_token_embeddings(tokenizer_size)
+    else:
+        model = head.from_config(hf_config, attn_implementation=attn)
+    if cfg.deepspeed.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, holder

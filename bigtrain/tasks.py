@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -288,3 +289,218 @@ def prepare_labeled(cfg, log: Callable = print) -> LabeledData:
             log(f"training a WordPiece tokenizer (vocab {d.vocab_size}) on {train_path} ...")
             train_wordpiece(texts, d.vocab_size, tok_dir)
     return LabeledData(tok_dir, train, valid, names)
+
+
+# --------------------------------------------------------------------------- the task interface
+#
+# The trainer and `bigtrain eval` see a task only through these methods:
+#   prepare(rank, joined, log)   read, check and cache the data (called before and after joining
+#                                the process group; each task decides which rank does what when)
+#   load(tokenizer)              the datasets and the training / validation indices
+#   configure(hf_config)         what the model config needs from the data (labels)
+#   batch(indices, position)     one training micro-batch of tensors (on the prefetch thread)
+#   evaluate(forward, comm)      the validation metrics (an Evaluation: record, log line, report)
+
+
+@dataclass
+class Evaluation:
+    record: dict  # eval_* metrics for metrics.jsonl
+    line: str = ""  # one line for the log
+    report: Optional[str] = None  # a longer per-class report (labeled tasks)
+
+
+class Comm:
+    """How an evaluation reaches the other ranks: torch.distributed in training, nothing in
+    `bigtrain eval` (one process)."""
+
+    def __init__(self, rank: int = 0, world: int = 1, device=None) -> None:
+        import torch
+
+        self.rank, self.world = rank, world
+        self.device = device if device is not None else torch.device("cpu")
+
+    def all_reduce(self, tensor) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def all_gather_object(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+
+class LMTask:
+    """clm and mlm: packed token blocks (bigtrain.data), evaluated by loss over validation blocks."""
+
+    labeled = False
+
+    def __init__(self, cfg) -> None:
+        self.cfg, self.name = cfg, cfg.task
+        self.best_metric = cfg.train.best_metric
+        self.prepared = None
+        self.masker: Optional[MLMMasker] = None
+        self.segment_ids = False  # pass segment ids to the model (bigtrain_triton on packed clm)
+
+    def prepare(self, rank: int, joined: bool, log: Callable) -> None:
+        """Rank 0 tokenizes and packs (cached) before the group exists, so bad data ends the job
+        before any collective; the other ranks load the cache after joining."""
+        from bigtrain.data import prepare
+
+        if (rank == 0) != joined:
+            self.prepared = prepare(self.cfg, log=log if rank == 0 else (lambda *a: None))
+
+    def load(self, tokenizer) -> None:
+        from bigtrain.data import TokenBlocks, split_indices
+
+        self.tokenizer, p, cfg = tokenizer, self.prepared, self.cfg
+        self.train_blocks = TokenBlocks(p.train_path)
+        self.valid_blocks = TokenBlocks(p.valid_path) if p.valid_path else self.train_blocks
+        self.train_indices, self.valid_indices = split_indices(len(self.train_blocks), cfg.data.valid_fraction, cfg.train.seed, p.valid_path is not None)
+        if p.valid_path is not None:
+            self.valid_indices = split_indices(len(self.valid_blocks), 0, 0, True)[0]
+        if self.name == "mlm":
+            self.masker = MLMMasker(tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed)
+
+    def configure(self, hf_config) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{len(self.train_indices)} training blocks"
+
+    def _model_batch(self, blocks, indices, mask_seed: int) -> dict:
+        from bigtrain.data import to_model_batch
+
+        batch = to_model_batch(blocks.take(indices), self.tokenizer.pad_token_id)
+        segment_ids = batch.pop("segment_ids", None)
+        if self.masker is not None:
+            return self.masker(batch, mask_seed)
+        if segment_ids is not None and self.segment_ids:
+            # Packed documents: the fused kernel masks attention per document. transformers
+            # forwards the keyword to the attention function; an all-ones attention_mask keeps
+            # it from inferring packing from position ids (the slow dense path).
+            import torch
+
+            batch["segment_ids"] = segment_ids
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+        return batch
+
+    def batch(self, indices, position: int) -> dict:
+        seed = position * 1_000_003 + int(indices[0]) if len(indices) else position
+        return self._model_batch(self.train_blocks, indices, seed)
+
+    def evaluate(self, forward: Callable, comm: Comm) -> Evaluation:
+        """Mean loss over the validation blocks (the same number of batches on every rank); for
+        mlm, masked with fixed seeds so every evaluation sees the same masks, plus accuracy."""
+        import torch
+
+        valid, micro = self.valid_indices, self.cfg.train.micro_batch_size
+        if len(valid) == 0:
+            return Evaluation({})
+        n_batches = max(1, min(self.cfg.train.eval_batches, math.ceil(len(valid) / (micro * comm.world))))
+        totals = torch.zeros(3, dtype=torch.float64, device=comm.device)  # loss x targets, targets, correct
+        with torch.no_grad():
+            for b in range(n_batches):
+                pos = (b * comm.world + comm.rank) * micro + np.arange(micro)
+                batch = comm.to_device(self._model_batch(self.valid_blocks, valid[pos % len(valid)], -1 - int(pos[0])))
+                labels = batch["labels"]
+                n_targets = ((labels[:, 1:] if self.masker is None else labels) != IGNORE).sum()
+                out = forward(batch)
+                totals[0] += out.loss.double() * n_targets
+                totals[1] += n_targets
+                if self.masker is not None:
+                    totals[2] += ((out.logits.argmax(-1) == labels) & (labels != IGNORE)).sum()
+        comm.all_reduce(totals)
+        loss = (totals[0] / totals[1]).item()
+        record = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700))}
+        if self.masker is not None:
+            record["eval_accuracy"] = (totals[2] / totals[1]).item()
+        extra = f", masked-token accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else ""
+        return Evaluation(record, f"validation loss {loss:.4f}, perplexity {record['eval_ppl']:.2f}{extra}")
+
+
+class LabeledTask:
+    """classify and token_classify: labeled examples, scored by accuracy and F1 over all of them."""
+
+    labeled = True
+
+    def __init__(self, cfg) -> None:
+        self.cfg, self.name = cfg, cfg.task
+        self.best_metric = cfg.train.best_metric or default_best_metric(cfg.task)
+        self.prepared: Optional[LabeledData] = None
+        self.segment_ids = False
+
+    def prepare(self, rank: int, joined: bool, log: Callable) -> None:
+        """Labeled files are small: every rank reads and checks them before the rendezvous."""
+        if not joined:
+            self.prepared = prepare_labeled(self.cfg, log=log if rank == 0 else (lambda *a: None))
+
+    def load(self, tokenizer) -> None:
+        from bigtrain.data import split_indices
+
+        cfg, p = self.cfg, self.prepared
+        self.label_names = p.names
+        label2id = {n: i for i, n in enumerate(p.names)}
+        self.train_set = tokenize_examples(cfg.task, p.train, tokenizer, label2id, cfg.data.seq_len)
+        self.train_indices, self.valid_indices = split_indices(len(self.train_set), cfg.data.valid_fraction, cfg.train.seed, bool(p.valid))
+        self.valid_set = self.train_set
+        if p.valid:
+            self.valid_set = tokenize_examples(cfg.task, p.valid, tokenizer, label2id, cfg.data.seq_len)
+            self.valid_indices = np.arange(len(self.valid_set))
+
+    def configure(self, hf_config) -> None:
+        hf_config.num_labels = len(self.label_names)
+        hf_config.id2label = dict(enumerate(self.label_names))
+        hf_config.label2id = {n: i for i, n in enumerate(self.label_names)}
+        if not hasattr(hf_config, "type_vocab_size"):
+            # Only BERT-family models take token type ids (a Llama forward would reject them).
+            self.train_set.token_type_ids = self.valid_set.token_type_ids = None
+
+    def describe(self) -> str:
+        return f"{len(self.train_indices)} training examples, {len(self.label_names)} labels"
+
+    def batch(self, indices, position: int) -> dict:  # noqa: ARG002 - no per-batch randomness
+        return self.train_set.batch(indices)
+
+    def evaluate(self, forward: Callable, comm: Comm) -> Evaluation:
+        """Every validation example once over all ranks; predictions gathered, scored on each rank."""
+        import torch
+
+        if len(self.valid_indices) == 0:
+            return Evaluation({})
+        gold: list = []
+        pred: list = []
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=comm.device)
+        with torch.no_grad():
+            for chunk in rank_slices(len(self.valid_indices), self.cfg.train.micro_batch_size, comm.world, comm.rank):
+                real = chunk >= 0
+                batch = comm.to_device(self.valid_set.batch(self.valid_indices[np.where(real, chunk, 0)]))
+                out = forward(dict(batch))
+                g, p = predictions(self.name, out.logits.float(), batch["labels"])
+                keep = real.tolist()
+                gold += [x for x, k in zip(g, keep) if k]
+                pred += [x for x, k in zip(p, keep) if k]
+                loss_sum[0] += out.loss.double() * float(real.sum())
+                loss_sum[1] += float(real.sum())
+        comm.all_reduce(loss_sum)
+        gathered = comm.all_gather_object((gold, pred))
+        gold = [x for g, _ in gathered for x in g]
+        pred = [x for _, p in gathered for x in p]
+        metrics, report = score(self.name, gold, pred, self.label_names)
+        record = {"eval_loss": (loss_sum[0] / loss_sum[1]).item(), **metrics, "eval_examples": len(gold)}
+        return Evaluation(record, f"validation loss {record['eval_loss']:.4f}, accuracy {record['eval_accuracy']:.4f}, f1 {record['eval_f1']:.4f}", report)
+
+
+def build_task(cfg):
+    """The task object for cfg.task."""
+    from bigtrain.config import LABELED_TASKS
+
+    return LabeledTask(cfg) if cfg.task in LABELED_TASKS else LMTask(cfg)

@@ -87,3 +87,21 @@ def lost_ranks(rank: int, world_size: int, wait_seconds: float = 5.0) -> Optiona
             time.sleep(0.2)
     except Exception:  # noqa: BLE001 - an unreachable store is itself the diagnosis
         return None
+
+
+class RankLost(Exception):
+    """A collective failed because another rank is gone or stuck."""
+
+    def __init__(self, step: int, lost: Optional[list], cause: BaseException) -> None:
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+        who = (f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}") if lost else "rank 0 (its rendezvous store is unreachable)"
+        super().__init__(f"lost {who} during step {step}: it stopped answering (the collective failed with: {first})")
+
+
+def raise_if_rank_lost(error: RuntimeError, step: int, rank: int, world_size: int) -> None:
+    """If a peer is gone, raise RankLost naming it; otherwise return (the error is our own)."""
+    if world_size == 1:
+        return
+    lost = lost_ranks(rank, world_size)
+    if lost is None or lost:
+        raise RankLost(step, lost, error) from error

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigtrain.errors import UserError
+from bigtrain.steps import Callback
 
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 FLOP_FORMULA = "6 x params + 12 x layers x hidden x seq_len FLOPs per token (attention not halved for causal)"
@@ -35,15 +36,16 @@ NO_EVAL = 1 << 40
 # --------------------------------------------------------------------------- timing
 
 
-class StepTimer:
+class StepTimer(Callback):
     """Splits each optimizer step into data wait, forward, backward and optimizer step.
 
-    `mark(name)` charges the time since the previous mark to `name`; on CUDA it synchronises
-    first, which costs a little throughput: the benchmark pays it, training (timer None) does not.
+    A trainer callback: `on_phase(name)` charges the time since the previous phase to `name`; on
+    CUDA it synchronises first, which costs a little throughput: the benchmark pays it, training
+    (no timer) does not. At `stop_at` it ends the run before the final evaluation and checkpoint.
     """
 
-    def __init__(self, cuda: bool) -> None:
-        self.cuda = cuda
+    def __init__(self, cuda: bool, stop_at: int = 0) -> None:
+        self.cuda, self.stop_at = cuda, stop_at
         self.steps: list[dict] = []
         self._current: dict = {}
         self._last = time.perf_counter()
@@ -65,6 +67,16 @@ class StepTimer:
         self._current["total"] = sum(self._current.values())
         self.steps.append(self._current)
         self._current = {}
+
+    def on_train_start(self) -> None:
+        self._last = self._now()
+
+    def on_phase(self, name: str) -> None:
+        self.mark(name)
+
+    def on_step_end(self, step: int) -> bool:
+        self.end_step()
+        return step >= self.stop_at
 
 
 def peak_memory_bytes(cuda: bool) -> int:
@@ -126,14 +138,15 @@ def run_bigtrain(config_path: str, steps: int, warmup: int) -> dict:
     """bigtrain's own Trainer: the real loop, with the step timer switched on."""
     from bigtrain.trainer import Trainer
 
+    import torch
+
     cfg = _bench_config(config_path, steps, warmup)
-    trainer = Trainer(cfg, overwrite=True)
-    cuda = trainer.device.type == "cuda"
-    trainer.timer = StepTimer(cuda)
-    trainer.bench = True
+    cuda = torch.cuda.is_available()
+    timer = StepTimer(cuda, stop_at=cfg.train.max_steps)
+    trainer = Trainer(cfg, overwrite=True, callbacks=[timer])
     trainer.train()
     return {
-        "side": "bigtrain", "steps": trainer.timer.steps[warmup:], "peak_memory_bytes": peak_memory_bytes(cuda),
+        "side": "bigtrain", "steps": timer.steps[warmup:], "peak_memory_bytes": peak_memory_bytes(cuda),
         "params": trainer.n_params, "hf_config": trainer.hf_config.to_dict(), "tokens_per_step": trainer.global_batch * cfg.data.seq_len,
         "world_size": trainer.env.world_size, "precision": trainer.precision, "cuda": cuda,
     }

@@ -13,7 +13,7 @@ from bigtrain.trainer import Trainer
 
 ckpt, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 trainer = Trainer(load_config(None, overrides), resume=ckpt)
-ids = torch.from_numpy(trainer.train_blocks.take(np.arange(4))["input_ids"])
+ids = torch.from_numpy(trainer.task.train_blocks.take(np.arange(4))["input_ids"])
 trainer.engine.eval()
 with torch.no_grad():
     logits = trainer.engine(input_ids=ids).logits

@@ -36,5 +36,5 @@ def step_applied() -> bool:
     return not overflow
 
 
-trainer.loss_scale_watch = LossScaleWatch(lambda: scaler.cur_scale, step_applied, min_scale)
+trainer.guard.loss_scale_watch = LossScaleWatch(lambda: scaler.cur_scale, step_applied, min_scale)
 sys.exit(run_trainer(trainer))
