@@ -15,6 +15,7 @@ demo: setup
 	$(VENV)/bin/bigtrain train --overwrite
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q --durations=25 tests
 
 clean:

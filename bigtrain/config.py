@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
@@ -306,6 +306,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def as_number(value: Any) -> Any:
+    """The one rule for numbers written as text: a string that Python's float() reads is that float.
+
+    YAML 1.1 (PyYAML) reads `1e20`, `1.0e20` and `1E-3` as strings (its floats need a dot and a
+    signed exponent), and a `key=value` override is read as YAML. Callers apply this only where the
+    expected type is a float (bigtrain's float keys; a `model.config.*` key whose default is a
+    float), so a path or a name that happens to look like a number stays a string. Anything
+    float() cannot read is returned unchanged, for the caller's usual type error.
+    """
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check `value` against the annotated type `tp`; return it (ints widened to float)."""
     origin = typing.get_origin(tp)
@@ -330,12 +347,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads '3e-4' (no dot) as a string; accept any plain number.
-            try:
-                value = float(value.strip())
-            except ValueError:
-                pass
+        value = as_number(value)  # YAML 1.1 reads '3e-4' (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
                 v = float(value)

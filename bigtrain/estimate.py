@@ -337,7 +337,6 @@ def _act_parts(r: dict[str, Any]) -> str:
 
 def format_report(name: str, r: dict[str, Any]) -> str:
     g = r["per_gpu_bytes"]
-    act = r["activation_bytes"]
     gpus = r["nodes"] * r["gpus_per_node"]
     lines = [
         f"model: {name}, {r['params']:,} parameters (largest layer {r['largest_layer_params']:,})",

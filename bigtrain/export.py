@@ -77,7 +77,6 @@ def _nbytes(t) -> int:
 
 def write_weights(lazy: dict, names: list[str], out: Path, max_shard_bytes: int) -> list[Path]:
     """Write `names` from `lazy` as fp32 safetensors shards (+ the index when there are several)."""
-    import torch
     from safetensors.torch import save_file
 
     plan = _shards({n: _nbytes(lazy[n]) for n in names}, max_shard_bytes)

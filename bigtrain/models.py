@@ -101,6 +101,8 @@ def _check_override_value(cfg, key: str, value: Any) -> Any:
     class); returns it, an int widened to float for a float field (`layer_norm_epsilon=1`)."""
     import math
 
+    from bigtrain.config import as_number
+
     where = f"model.config.{key}"
     default = getattr(cfg, key, None)
     shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
@@ -111,6 +113,7 @@ def _check_override_value(cfg, key: str, value: Any) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        value = as_number(value)  # bigtrain's one rule: `1e20` (YAML 1.1 reads it as a string) is a number here
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok and isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{where}: must be a finite number, got {shown}")

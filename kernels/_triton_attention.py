@@ -165,7 +165,7 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, KPM, SEG, DMASK,
+    Q, K, V, O, LSE, KPM, SEG, DMASK,  # noqa: E741 - O is the attention output, named as in Q, K, V, O (FlashAttention notation)
     sm_scale, dropout_p, seed,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -244,7 +244,7 @@ def _attn_fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA,  # noqa: E741 - O is the attention output, named as in Q, K, V, O (FlashAttention notation)
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H_Q, SEQ_Q,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from common import REPO, SMALL
+from common import SMALL
 
 
 @pytest.mark.parametrize("verb", [[], ["train"], ["export"], ["generate"], ["data"], ["data", "prepare"], ["tokenizer"], ["tokenizer", "train"], ["bench"]])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import pytest
 
 from bigtrain.config import load_config
 from bigtrain.data import BatchSchedule, TokenBlocks, pack, prepare, to_model_batch

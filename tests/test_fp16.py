@@ -13,8 +13,6 @@ import subprocess
 import sys
 import tempfile
 
-import pytest
-
 from common import REPO, SMALL
 
 DIVERGED = 3  # bigtrain.trainer.DIVERGED_EXIT_CODE, as documented in the README
