@@ -42,7 +42,9 @@ def rank_env(base: dict, rank: int, nproc: int, port: int) -> dict:
         env.setdefault("DS_ACCELERATOR", "cpu")
     # Each rank gets an even share of the cores instead of every rank spawning one thread per core.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+    # LOCAL_SIZE, CROSS_RANK and CROSS_SIZE are what DeepSpeed's launcher also sets (its CPU accelerator
+    # counts devices from LOCAL_SIZE).
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), LOCAL_SIZE=str(nproc), CROSS_RANK="0", CROSS_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     return env
 

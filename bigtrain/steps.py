@@ -59,7 +59,7 @@ class DeviceSkip:
         self.engine = engine
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.found_inf = torch.zeros((), device=device)
-        self._one = torch.ones((), device=device)
+        self.grad_norm = None  # the last step's gradient norm (before clipping), on the device
         optimizer.found_inf = self.found_inf  # read by the fused kernel inside optimizer.step()
 
     @classmethod
@@ -74,13 +74,16 @@ class DeviceSkip:
         return cls(engine, opt, device)
 
     def check(self) -> None:
-        """After the boundary's backward (gradients already all-reduced): flag inf/NaN gradients."""
+        """After the boundary's backward (gradients already all-reduced): the gradient norm
+        (DeepSpeed does not keep it at ZeRO-0) and whether it is finite, on the device."""
         import torch
 
         grads = [p.grad for p in self.params if p.grad is not None]
-        self.found_inf.zero_()
-        if grads:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self._one)
+        if not grads:
+            self.found_inf.zero_()
+            return
+        self.grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        self.found_inf.copy_(~torch.isfinite(self.grad_norm))
 
     def applied(self):
         """1.0 where the last step's update was applied, 0.0 where it was skipped (on the device)."""
@@ -121,7 +124,7 @@ class StepRunner:
         total = torch.zeros((), device=self.device)
         try:
             for batch in micro_batches:
-                loss = forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                loss = forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
                 if step in self.nan_steps:
                     loss = loss * float("nan")
                 self.phase("forward")

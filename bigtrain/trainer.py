@@ -332,6 +332,8 @@ class Trainer:
         """The last step's gradient norm (and loss scale in fp16), the skipped steps so far."""
         out = {"skipped_steps": self.guard.skipped_total}
         norm = self.engine.get_global_grad_norm()
+        if norm is None and self.runner.skip is not None:
+            norm = self.runner.skip.grad_norm
         if norm is not None:
             out["grad_norm"] = float(norm)
         if self.guard.loss_scale_watch is not None:
