@@ -76,9 +76,18 @@ def init_distributed(on_cpu: bool, timeout_minutes: float) -> None:
     import deepspeed
     import torch
 
+    from torch.distributed import distributed_c10d
+
     if not on_cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    # DeepSpeed makes its own process groups (data parallel, ...) without a timeout, so they
+    # would get torch's default (30 minutes, 10 for NCCL) and a lost peer would hang the job
+    # that long: make deepspeed.timeout_minutes the default of every group made from here on.
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timeout)
 
 
 def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callable[[str], str]] = None) -> Optional[str]:
