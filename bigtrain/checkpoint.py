@@ -15,6 +15,27 @@ previous checkpoints untouched plus a `.tmp-` directory (removed by the next sav
 new one. On resume each candidate is checked against its manifest, newest first; a damaged one is
 skipped with the reason, never loaded.
 
+Sealing in parallel: fsync and SHA-256 are the slow part of a save (a 7B model's checkpoint is
+~112 GB), so every rank seals an equal share instead of rank 0 reading everything while the
+others wait. The share is not "the files this rank wrote": DeepSpeed decides its file names
+(per stage, precision, pipeline and MoE layout) and also copies files with plain `copyfile`
+(zero_to_fp32.py), so a list of a rank's own writes would depend on DeepSpeed's internals, and
+snapshotting the directory before and after this rank's writes races with the other ranks'. It
+would also be unbalanced: rank 0 writes the whole model states on top of its optimizer shard.
+Instead, after the barrier that follows every write, rank 0 lists the directory once and
+broadcasts the list (one listing, so every rank splits the same list even where a shared file
+system caches directory entries per node); every rank splits it the same way, largest file first
+to the least-loaded rank (`_split`), and fsyncs and hashes its share in a few threads (hashlib and
+file reads release the GIL). The entries are gathered on rank 0, which writes the manifest and
+renames as before. fsync flushes a file however it was written, so one rank may fsync another's
+file; like the single-rank scheme it replaces, this needs every rank to see the checkpoint
+directory (a shared file system across nodes). `save(verify=False)` fsyncs the same way but
+skips hashing: its manifest has sizes only (`"sha256": null`, `"checksums": false`), and
+`check_checkpoint` then checks sizes, which catches truncated and missing files, not flipped bytes.
+
+Resume: `choose_resume` checks candidates on one rank, which broadcasts its verdict; every rank
+re-hashing every candidate would read the checkpoint world-size times over.
+
 Safe loading: bigtrain reads its own files with `torch.load(weights_only=True)`. DeepSpeed's
 loader unpickles freely, so before it runs every pickle in the checkpoint is scanned for classes
 outside torch's weights-only allowlist plus DeepSpeed's own plain-data classes below; anything
@@ -30,6 +51,7 @@ import random
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -49,6 +71,10 @@ MANIFEST = "manifest.json"
 # copy that ZeRO and mixed precision keep (4), Adam's two moments (8).
 BYTES_PER_PARAMETER = 16
 TMP_PREFIX = ".tmp-"
+# Threads per process that fsync and hash files (hashlib and reads release the GIL): a few keep a
+# fast disk busy and use the cores a rank leaves idle while it waits.
+HASH_THREADS = 4
+HASH_MODES = ("split", "rank0")
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -71,8 +97,8 @@ def _files(ckpt: Path) -> list[Path]:
     return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def check_checkpoint(ckpt: Path, checksums: bool = True) -> Optional[str]:
-    """None if `ckpt` matches its manifest; otherwise why not, naming the file."""
+def _read_manifest(ckpt: Path) -> dict | str:
+    """The manifest's {relative path: {"size", "sha256"}}, or why it cannot be used."""
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
         return "no manifest.json (the save did not finish)"
@@ -80,6 +106,31 @@ def check_checkpoint(ckpt: Path, checksums: bool = True) -> Optional[str]:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"manifest.json is unreadable ({e})"
+    if not isinstance(files, dict):
+        return "manifest.json is malformed (its files are not a mapping)"
+    for rel, meta in files.items():
+        size = meta.get("size") if isinstance(meta, dict) else None
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        if type(size) is not int or not (digest is None or isinstance(digest, str)):
+            return f"manifest.json is malformed (the entry of {rel})"
+    return files
+
+
+def has_checksums(ckpt: Path) -> bool:
+    """Whether `ckpt`'s manifest has a SHA-256 for every file (False for save(verify=False))."""
+    files = _read_manifest(ckpt)
+    return isinstance(files, dict) and all(meta["sha256"] is not None for meta in files.values())
+
+
+def check_checkpoint(ckpt: Path, checksums: bool = True, threads: int = HASH_THREADS) -> Optional[str]:
+    """None if `ckpt` matches its manifest; otherwise why not, naming the file.
+
+    Presence and sizes are checked first (cheap), then SHA-256s in `threads` threads. A file the
+    manifest lists without a SHA-256 (a save with verify=False) gets the size check only.
+    """
+    files = _read_manifest(ckpt)
+    if isinstance(files, str):
+        return files
     try:
         for rel, meta in files.items():
             p = ckpt / rel
@@ -88,10 +139,15 @@ def check_checkpoint(ckpt: Path, checksums: bool = True) -> Optional[str]:
             size = p.stat().st_size
             if size != meta["size"]:
                 return f"{rel} has {size} bytes, the manifest says {meta['size']}"
-            if checksums and _sha256(p) != meta["sha256"]:
-                return f"{rel} does not match its SHA-256 in the manifest"
+        todo = [rel for rel, meta in files.items() if checksums and meta["sha256"] is not None]
+        todo.sort(key=lambda rel: -files[rel]["size"])  # largest first: the threads finish together
+        with ThreadPoolExecutor(max(1, min(threads, len(todo)))) as pool:
+            digests = dict(zip(todo, pool.map(lambda rel: _sha256(ckpt / rel), todo)))
     except OSError as e:
         return f"cannot be read ({e})"
+    for rel, meta in files.items():  # the first mismatch in the manifest's order
+        if rel in digests and digests[rel] != meta["sha256"]:
+            return f"{rel} does not match its SHA-256 in the manifest"
     return None
 
 
@@ -121,6 +177,23 @@ def resolve_checkpoint(path: str | Path, what: str = "--resume", log: Optional[C
     if not p.exists():
         raise UserError(f"{what}: {path} does not exist")
     raise UserError(f"{what}: no complete bigtrain checkpoint in {path} (expected a run's output_dir or a checkpoints/step_N directory)")
+
+
+def choose_resume(resume: Optional[str], root: Path, log: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint a run resumes from: None (no --resume) -> None; "auto" -> the newest one
+    under `root` that passes `check_checkpoint`, each one skipped reported to `log` (None if none
+    is left); anything else -> `resolve_checkpoint` (a run's output_dir or one checkpoint).
+
+    Run by ONE rank (rank 0), whose verdict the others receive with `dist.broadcast_object_list`
+    (an error too, so that every rank stops): checking hashes every candidate, and every rank
+    doing it would read the same checkpoint world-size times over while the GPUs wait.
+    """
+    if not resume:
+        return None
+    found = latest_checkpoint(root, log) if resume == "auto" else resolve_checkpoint(resume, log=log)
+    if found is not None and not has_checksums(found):
+        log(f"checkpoint {found} was saved without checksums (verify=False): only its files' presence and sizes were checked")
+    return found
 
 
 def read_state(ckpt: Path) -> dict:
@@ -172,17 +245,77 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def _seal(tmp: Path, final: Path) -> None:
-    """fsync every file of `tmp`, write its manifest, rename it to `final`, point `latest` at it."""
-    files = {}
-    for p in _files(tmp):
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
+def _seal_file(path: Path, verify: bool) -> dict:
+    """fsync one file; its manifest entry: the size, and the SHA-256 unless `verify` is False."""
+    h = hashlib.sha256() if verify else None
+    with open(path, "rb") as f:
+        if h is not None:
             for chunk in iter(lambda: f.read(1 << 22), b""):
                 h.update(chunk)
-            os.fsync(f.fileno())
-        files[str(p.relative_to(tmp))] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
-    write_atomic(tmp / MANIFEST, json.dumps({"files": files, "written_at": time.time()}, indent=1))
+        os.fsync(f.fileno())
+        size = os.fstat(f.fileno()).st_size
+    return {"size": size, "sha256": h.hexdigest() if h is not None else None}
+
+
+def _seal_files(tmp: Path, rels: list[str], verify: bool, threads: int = HASH_THREADS) -> dict[str, dict]:
+    """`_seal_file` on each of `rels` (paths relative to `tmp`) in up to `threads` threads."""
+    with ThreadPoolExecutor(max(1, min(threads, len(rels)))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: _seal_file(tmp / rel, verify), rels)))
+
+
+def _split(files: list[tuple[str, int]], world: int) -> list[list[str]]:
+    """Deal (relative path, size) pairs out to `world` ranks: largest first, each to the rank with
+    the fewest bytes so far (the lowest rank on a tie). Every rank computes the same shares."""
+    shares: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for rel, size in sorted(files, key=lambda f: (-f[1], f[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        shares[r].append(rel)
+        load[r] += size
+    return shares
+
+
+def _seal_shares(tmp: Path, rank: int, world: int, verify: bool, timings: Optional[dict]) -> tuple[Optional[dict], Optional[str]]:
+    """Collective: every rank seals its `_split` share of rank 0's listing of `tmp`. Returns every
+    file's manifest entry on rank 0 (None elsewhere), or the ranks' errors, the same on every rank."""
+    import torch.distributed as dist
+
+    listing: list = [None]
+    if rank == 0:
+        try:
+            listing[0] = [(str(p.relative_to(tmp)), p.stat().st_size) for p in _files(tmp)]
+        except OSError as e:
+            listing[0] = f"rank 0: {e}"
+    dist.broadcast_object_list(listing, src=0)
+    if isinstance(listing[0], str):
+        return None, listing[0]
+    share = _split(listing[0], world)[rank]
+    t0 = time.perf_counter()
+    try:
+        mine, error = _seal_files(tmp, share, verify), None
+    except OSError as e:  # reported by every rank below, so that no rank waits for the others
+        mine, error = {}, f"rank {rank}: {e}"
+    if timings is not None:
+        sizes = dict(listing[0])
+        timings.update(share_files=len(share), share_bytes=sum(sizes[rel] for rel in share), share_s=time.perf_counter() - t0)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (mine, error))
+    errors = [e for _, e in gathered if e is not None]
+    if errors:
+        return None, "; ".join(errors)
+    return ({rel: entry for m, _ in gathered for rel, entry in m.items()} if rank == 0 else None), None
+
+
+def _seal_rank0_hashes_all(tmp: Path, verify: bool = True) -> dict[str, dict]:
+    """The scheme `save` used before per-rank sealing, kept for `bigtrain bench checkpoint`:
+    rank 0 alone fsyncs and hashes every file, one after another, while the other ranks wait."""
+    return {str(p.relative_to(tmp)): _seal_file(p, verify) for p in _files(tmp)}
+
+
+def _commit(tmp: Path, final: Path, files: dict[str, dict], verify: bool) -> None:
+    """Write `tmp`'s manifest, fsync its directories, rename it to `final`, point `latest` at it."""
+    manifest = {"files": dict(sorted(files.items())), "checksums": verify, "written_at": time.time()}
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         _fsync_dir(d)
     replaced = None
@@ -197,15 +330,11 @@ def _seal(tmp: Path, final: Path) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
 
 
-def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_last: int) -> Path:
-    """Save on every rank (DeepSpeed checkpoints are collective); crash-safe, see the module doc."""
+def _write(engine, root: Path, tmp: Path, state: dict, rank: int, hf_config, tokenizer) -> None:
+    """Every rank's files of one checkpoint, into `tmp` (collective)."""
     import torch
     import torch.distributed as dist
 
-    from bigtrain import faults
-
-    tag = tag_for(state["step"])
-    tmp = root / (TMP_PREFIX + tag)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(TMP_PREFIX + "step_*"):  # left by a save that was killed
@@ -221,14 +350,46 @@ def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_
         # holds its weights, which must never travel into the checkpoint or the export.
         tokenizer.save_pretrained(str(hf))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+
+def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_last: int, verify: bool = True, *,
+         hash_mode: str = "split", timings: Optional[dict] = None) -> Path:
+    """Save on every rank (DeepSpeed checkpoints are collective); crash-safe, see the module doc.
+
+    verify=False fsyncs without hashing (a manifest of sizes only). hash_mode="rank0" is the former
+    scheme (rank 0 alone seals every file), kept for `bigtrain bench checkpoint`. A `timings` dict
+    receives this rank's seconds writing ("write_s") and sealing ("seal_s"), and its share
+    ("share_files", "share_bytes", "share_s"; split mode only).
+    """
+    import torch.distributed as dist
+
+    from bigtrain import faults
+
+    if hash_mode not in HASH_MODES:
+        raise ValueError(f"hash_mode must be one of {', '.join(HASH_MODES)}, got {hash_mode!r}")
+    tag = tag_for(state["step"])
+    tmp, final = root / (TMP_PREFIX + tag), root / tag
+    t0 = time.perf_counter()
+    _write(engine, root, tmp, state, rank, hf_config, tokenizer)
     dist.barrier()  # every rank's files are written
+    t1 = time.perf_counter()
     if rank == 0:
         faults.maybe_kill_in_save(state["step"])
-        _seal(tmp, root / tag)
-    dist.barrier()
+    files, error = _seal_shares(tmp, rank, dist.get_world_size(), verify, timings) if hash_mode == "split" else (None, None)
+    if rank == 0 and error is None:
+        try:
+            _commit(tmp, final, files if files is not None else _seal_rank0_hashes_all(tmp, verify), verify)
+        except OSError as e:
+            error = f"rank 0: {e}"
+    outcome = [error]
+    dist.broadcast_object_list(outcome, src=0)  # every rank fails alike, none waits for the others
+    if outcome[0] is not None:
+        raise OSError(f"checkpoint {final}: sealing {tmp.name} failed: {outcome[0]}")
+    if timings is not None:
+        timings.update(write_s=t1 - t0, seal_s=time.perf_counter() - t1)
     if rank == 0:
         prune(root, keep_last, upto=state["step"])
-    return root / tag
+    return final
 
 
 # DeepSpeed's own classes in its checkpoints: plain data (a loss scaler's numbers, an enum, a

@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     benches = (
         ("attention", "fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG"),
+        ("checkpoint", "seconds per checkpoint save: per-rank hashing vs rank 0 hashing all vs no hashing, 2 ranks, ZeRO-2"),
         ("data", "tokenize and pack N MB of the standard library: bigtrain vs transformers' run_clm recipe, tokens/s"),
         ("train", "training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside"),
     )
