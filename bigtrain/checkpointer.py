@@ -30,13 +30,9 @@ class Checkpointer:
 
     def choose(self, resume: Optional[str], log: Callable[[str], None]) -> Optional[Path]:
         """Rank 0, before the process group exists: the checkpoint to resume from (or None)."""
-        if resume == "auto":
-            found = ckpt_io.latest_checkpoint(self.root, log=log)
-            if found is None and ckpt_io.list_checkpoints(self.root):
-                log("--resume auto: no complete checkpoint left: starting from step 0")
-            self.resume_from = found
-        elif resume:
-            self.resume_from = ckpt_io.resolve_checkpoint(resume, log=log)
+        self.resume_from = ckpt_io.choose_resume(resume, self.root, log)
+        if resume == "auto" and self.resume_from is None and ckpt_io.list_checkpoints(self.root):
+            log("--resume auto: no complete checkpoint left: starting from step 0")
         return self.resume_from
 
     def share_choice(self) -> Optional[Path]:
