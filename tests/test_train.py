@@ -72,12 +72,18 @@ def test_resume_auto_gives_identical_losses(zero2_run, cli, tmp_path):
     shutil.rmtree(crashed / "checkpoints" / "step_00000030")
     shutil.rmtree(crashed / "model")
     (crashed / "checkpoints" / "latest").write_text("step_00000015")
+    # What the dead attempt logged past its checkpoint (steps 16-22, values no real run gives).
+    kept = [r_ for r_ in metrics(out) if r_["step"] <= 15]
+    dead = [{"step": s, "loss": 1000.0 + s, "lr": 0.0} for s in range(16, 23)]
+    (crashed / "metrics.jsonl").write_text("".join(json.dumps(r_) + "\n" for r_ in kept + dead))
     args = [a if not a.startswith("output_dir=") else f"output_dir={crashed}" for a in args]
     r = cli([*args, "--nproc", "2", "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
+    # Every step has exactly one loss record: the dead attempt's were dropped, not kept beside the new ones.
+    steps = [r_["step"] for r_ in metrics(crashed) if "loss" in r_]
+    assert steps == list(range(1, 31)), steps
     straight, resumed = train_losses(out), train_losses(crashed)
-    assert sorted(resumed) == list(range(1, 31))  # metrics past the checkpoint were replaced, not duplicated
     for step in range(16, 31):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
 
