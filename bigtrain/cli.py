@@ -33,7 +33,15 @@ def _config_help() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bigtrain", description="Train transformer language models on DeepSpeed.")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    _add_train_verb(sub)
+    _add_model_verbs(sub)
+    _add_data_verbs(sub)
+    _add_planning_verbs(sub)
+    _add_bench_verbs(sub)
+    return p
 
+
+def _add_train_verb(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "train", help="train a model (no arguments: the default small GPT on the Python standard library)",
         description="Train a model. With no arguments, runs the default job: a ~3.5M-parameter GPT pretrained on the "
@@ -47,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--trust-checkpoint", action="store_true",
                    help="load a checkpoint even if its pickles need arbitrary classes (they can run code): only for checkpoints you trust")
 
+
+def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
+    """The verbs that use a trained model: export, eval, predict, generate."""
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
     e.add_argument("src", metavar="RUN_DIR_OR_CHECKPOINT")
     e.add_argument("out", metavar="OUT_DIR")
@@ -76,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=40)
     g.add_argument("--seed", type=int, default=0)
 
+
+def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
+    """`data prepare` and `tokenizer train`."""
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_verb", metavar="VERB", parser_class=_Parser)
     dp = dsub.add_parser("prepare", help="tokenize and pack ahead of training (cached; ranks then load it at once)")
@@ -88,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--vocab-size", type=int, required=True)
     kt.add_argument("--out", required=True, metavar="DIR")
 
+
+def _add_planning_verbs(sub: argparse._SubParsersAction) -> None:
+    """`estimate` (memory a job needs) and `slurm` (job scripts for a cluster)."""
     from bigtrain import estimate as estimate_mod
 
     est = sub.add_parser(
@@ -102,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("slurm", help="render or submit a Slurm job script (preemption-safe; resumes by itself)")
     slurm_mod.add_arguments(sl.add_subparsers(dest="slurm_verb", metavar="VERB", parser_class=_Parser))
 
+
+def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
+    """`bench attention|checkpoint|data|train`: each benchmark module brings its own options and run."""
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_verb", metavar="VERB", parser_class=_Parser)
     import importlib
@@ -120,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
         bp = bsub.add_parser(name, help=text, description=text)
         module.add_arguments(bp)
         bp.set_defaults(bench_run=module.run)
-    return p
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
@@ -263,60 +282,76 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse argv; key=value overrides may follow the options."""
+    # Overrides may come after options (`train CONFIG --nproc 2 key=value`): argparse leaves
+    # those unparsed, so collect them here.
+    ns, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(ns, "args")
+    stray = [a for a in extra if a.startswith("-") or not takes_overrides]
+    if stray:
+        raise UserError(f"bigtrain: unrecognized arguments: {' '.join(stray)} (see 'bigtrain --help')")
+    if takes_overrides:
+        ns.args = list(ns.args) + extra
+    return ns
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    """Run the verb `ns` names; returns its exit code."""
+    if ns.verb == "train":
+        return cmd_train(ns)
+    if ns.verb == "export":
+        return cmd_export(ns)
+    if ns.verb == "generate":
+        return cmd_generate(ns)
+    if ns.verb == "eval":
+        return cmd_eval(ns)
+    if ns.verb == "predict":
+        return cmd_predict(ns)
+    if ns.verb == "data":
+        if ns.data_verb != "prepare":
+            raise UserError("bigtrain data: expected a verb: prepare (see 'bigtrain data --help')")
+        return cmd_data_prepare(ns)
+    if ns.verb == "tokenizer":
+        if ns.tok_verb != "train":
+            raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")
+        return cmd_tokenizer_train(ns)
+    if ns.verb == "slurm":
+        from bigtrain import slurm as slurm_mod
+
+        return slurm_mod.run(ns)
+    if ns.verb == "estimate":
+        return int(ns.estimate_run(ns) or 0)
+    if ns.verb == "bench":
+        run = getattr(ns, "bench_run", None)
+        if run is None:
+            raise UserError("bigtrain bench: expected a verb (see 'bigtrain bench --help')")
+        return int(run(ns) or 0)
+    raise UserError(f"unknown verb {ns.verb}")
+
+
+def _print_user_error(e: UserError) -> None:
+    """The one `error: ...` line on stderr, from rank 0 only."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        # Exactly one line, whatever the message quotes (a file name with "\r" in it, U+2028...),
+        # and printable on any stream (file names that are not UTF-8 carry surrogates).
+        message = " ".join(str(e).splitlines()).strip() or type(e).__name__
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = _drop_local_rank(list(sys.argv[1:] if argv is None else argv))
     try:
         parser = build_parser()
-        # Overrides may come after options (`train CONFIG --nproc 2 key=value`): argparse leaves
-        # those unparsed, so collect them here.
-        ns, extra = parser.parse_known_args(argv)
-        takes_overrides = hasattr(ns, "args")
-        stray = [a for a in extra if a.startswith("-") or not takes_overrides]
-        if stray:
-            raise UserError(f"bigtrain: unrecognized arguments: {' '.join(stray)} (see 'bigtrain --help')")
-        if takes_overrides:
-            ns.args = list(ns.args) + extra
+        ns = _parse(parser, argv)
         if ns.verb is None:
             parser.print_help()
             return 2
-        if ns.verb == "train":
-            return cmd_train(ns)
-        if ns.verb == "export":
-            return cmd_export(ns)
-        if ns.verb == "generate":
-            return cmd_generate(ns)
-        if ns.verb == "eval":
-            return cmd_eval(ns)
-        if ns.verb == "predict":
-            return cmd_predict(ns)
-        if ns.verb == "data":
-            if ns.data_verb != "prepare":
-                raise UserError("bigtrain data: expected a verb: prepare (see 'bigtrain data --help')")
-            return cmd_data_prepare(ns)
-        if ns.verb == "tokenizer":
-            if ns.tok_verb != "train":
-                raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")
-            return cmd_tokenizer_train(ns)
-        if ns.verb == "slurm":
-            from bigtrain import slurm as slurm_mod
-
-            return slurm_mod.run(ns)
-        if ns.verb == "estimate":
-            return int(ns.estimate_run(ns) or 0)
-        if ns.verb == "bench":
-            run = getattr(ns, "bench_run", None)
-            if run is None:
-                raise UserError("bigtrain bench: expected a verb (see 'bigtrain bench --help')")
-            return int(run(ns) or 0)
-        raise UserError(f"unknown verb {ns.verb}")
+        return _dispatch(ns)
     except UserError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
-            # Exactly one line, whatever the message quotes (a file name with "\r" in it, U+2028...),
-            # and printable on any stream (file names that are not UTF-8 carry surrogates).
-            message = " ".join(str(e).splitlines()).strip() or type(e).__name__
-            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-            print(f"error: {message}", file=sys.stderr, flush=True)
+        _print_user_error(e)
         return UserError.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -464,6 +464,21 @@ def _path_values(cfg: Config) -> list[tuple[str, Any]]:
 
 def validate(cfg: Config, where_of) -> None:
     """Cross-field and range rules. Batch rules that need the world size live in `check_batch`."""
+    # One check after another, in a fixed order: a config with several mistakes always reports the same first one.
+    _validate_choices(cfg, where_of)
+    _validate_data_numbers(cfg, where_of)
+    _validate_train_numbers(cfg, where_of)
+    _validate_deepspeed(cfg, where_of)
+    if cfg.model.from_pretrained:
+        from bigtrain.models import check_pretrained_dir
+
+        check_pretrained_dir(cfg.model.from_pretrained, where_of("model.from_pretrained"))
+    if not str(cfg.output_dir).strip():
+        raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
+
+
+def _validate_choices(cfg: Config, where_of) -> None:
+    """No NUL byte in any path; every key with a fixed set of values holds one of them."""
     for key, value in _path_values(cfg):
         if isinstance(value, str) and "\0" in value:
             raise UserError(f"{where_of(key)}: '{key}' contains a NUL byte: {_show(value)}")
@@ -485,7 +500,11 @@ def validate(cfg: Config, where_of) -> None:
     _check_choice(cfg.deepspeed.offload_optimizer, OFFLOAD, "deepspeed.offload_optimizer", where_of)
     _check_choice(cfg.deepspeed.offload_param, OFFLOAD, "deepspeed.offload_param", where_of)
     _check_choice(cfg.deepspeed.zero3_init, ("auto", True, False), "deepspeed.zero3_init", where_of)
-    d, t = cfg.data, cfg.train
+
+
+def _validate_data_numbers(cfg: Config, where_of) -> None:
+    """Ranges of the data.* numbers, and at least one training file."""
+    d = cfg.data
     _check_range(d.seq_len, "data.seq_len", where_of, lo=2, hi=1 << 20)
     _check_range(d.vocab_size, "data.vocab_size", where_of, lo=300, hi=1 << 22)
     _check_range(d.valid_fraction, "data.valid_fraction", where_of, lo=0.0, hi=0.5)
@@ -494,6 +513,11 @@ def validate(cfg: Config, where_of) -> None:
         _check_range(d.num_proc, "data.num_proc", where_of, lo=1, hi=1024)
     if not d.train_files:
         raise UserError(f"{where_of('data.train_files')}: 'data.train_files' is empty: give at least one file, directory or glob")
+
+
+def _validate_train_numbers(cfg: Config, where_of) -> None:
+    """Ranges of the train.* numbers (and deepspeed.timeout_minutes, checked in their midst)."""
+    t = cfg.train
     for key in ("micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "eval_batches", "save_every", "keep_last"):
         _check_range(getattr(t, key), f"train.{key}", where_of, lo=1, hi=1 << 40)
     _check_range(t.warmup_steps, "train.warmup_steps", where_of, lo=0, hi=1 << 40)
@@ -512,6 +536,10 @@ def validate(cfg: Config, where_of) -> None:
     _check_range(t.watchdog_min_seconds, "train.watchdog_min_seconds", where_of, lo=0.0, hi=1e7)
     if t.global_batch_size is not None:
         _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
+
+
+def _validate_deepspeed(cfg: Config, where_of) -> None:
+    """Offload needs ZeRO; model.config and deepspeed.config must be plain JSON; precision must agree with deepspeed.config."""
     ds = cfg.deepspeed
     if ds.offload_param != "none" and ds.zero_stage != 3:
         raise UserError(f"{where_of('deepspeed.offload_param')}: 'deepspeed.offload_param={ds.offload_param}' needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
@@ -523,15 +551,7 @@ def validate(cfg: Config, where_of) -> None:
     for section in DS_SECTIONS:
         if section in user and not isinstance(user[section], dict):
             raise UserError(f"{where_of('deepspeed.config')}: deepspeed.config '{section}' must be a mapping, got {_show(user[section])}")
-    from bigtrain.engine import decide_precision
-
     decide_precision(cfg, None, where_of)  # conflicts between deepspeed.precision and deepspeed.config
-    if cfg.model.from_pretrained:
-        from bigtrain.models import check_pretrained_dir
-
-        check_pretrained_dir(cfg.model.from_pretrained, where_of("model.from_pretrained"))
-    if not str(cfg.output_dir).strip():
-        raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
 
 
 def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
@@ -639,3 +659,33 @@ def user_ds_config(cfg: Config, where: Optional[Callable[[str], str]] = None) ->
         cached = load_user_ds_config(cfg.deepspeed.config, locate("deepspeed.config"))
         cfg.__dict__["_user_ds_config"] = cached
     return cached
+
+
+def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callable[[str], str]] = None) -> Optional[str]:
+    """The one place that decides fp32, bf16 or fp16, from deepspeed.precision and the user's
+    deepspeed.config. Refuses contradictions; with on_cpu=None (config validation, no device
+    known yet) it only checks them and returns None."""
+    where = where or (lambda key: where_of(cfg, key))
+    user = user_ds_config(cfg, where)
+    fp16_on = isinstance(user.get("fp16"), dict) and bool(user["fp16"].get("enabled"))
+    bf16_on = isinstance(user.get("bf16"), dict) and bool(user["bf16"].get("enabled"))
+    p = cfg.deepspeed.precision
+    if fp16_on and bf16_on:
+        raise UserError(f"{where('deepspeed.config')}: deepspeed.config enables both fp16 and bf16; choose one (deepspeed.precision)")
+    if (fp16_on and p == "bf16") or (bf16_on and p == "fp16"):
+        other = "fp16" if fp16_on else "bf16"
+        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision={p} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
+    if on_cpu is None:
+        return None
+    if p == "auto":
+        if fp16_on or bf16_on:
+            p = "fp16" if fp16_on else "bf16"
+        elif on_cpu:
+            p = "fp32"
+        else:
+            import torch
+
+            p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if p == "fp16" and on_cpu:
+        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
+    return p

@@ -16,7 +16,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Any, Callable, Optional
 
-from bigtrain.config import Config, check_batch, user_ds_config, where_of
+from bigtrain.config import Config, check_batch, decide_precision, user_ds_config, where_of
 from bigtrain.errors import UserError
 
 
@@ -88,36 +88,6 @@ def init_distributed(on_cpu: bool, timeout_minutes: float) -> None:
     if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
         distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timeout)
-
-
-def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callable[[str], str]] = None) -> Optional[str]:
-    """The one place that decides fp32, bf16 or fp16, from deepspeed.precision and the user's
-    deepspeed.config. Refuses contradictions; with on_cpu=None (config validation, no device
-    known yet) it only checks them and returns None."""
-    where = where or (lambda key: where_of(cfg, key))
-    user = user_ds_config(cfg, where)
-    fp16_on = isinstance(user.get("fp16"), dict) and bool(user["fp16"].get("enabled"))
-    bf16_on = isinstance(user.get("bf16"), dict) and bool(user["bf16"].get("enabled"))
-    p = cfg.deepspeed.precision
-    if fp16_on and bf16_on:
-        raise UserError(f"{where('deepspeed.config')}: deepspeed.config enables both fp16 and bf16; choose one (deepspeed.precision)")
-    if (fp16_on and p == "bf16") or (bf16_on and p == "fp16"):
-        other = "fp16" if fp16_on else "bf16"
-        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision={p} but deepspeed.config enables {other}: fp16 and bf16 cannot both be on")
-    if on_cpu is None:
-        return None
-    if p == "auto":
-        if fp16_on or bf16_on:
-            p = "fp16" if fp16_on else "bf16"
-        elif on_cpu:
-            p = "fp32"
-        else:
-            import torch
-
-            p = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if p == "fp16" and on_cpu:
-        raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
-    return p
 
 
 def template_name(stage: int, offload_optimizer: str, offload_param: str) -> str:

@@ -154,6 +154,16 @@ def model_states(n: int, largest_layer: int, zero: int, offload: str, nodes: int
     (4N / nodes) plus DeepSpeed's default swap buffers per GPU stay in CPU memory; 14N / nodes
     (16-bit parameters + master + Adam) go to NVMe.
     """
+    _check_states_args(zero, offload, precision, nodes, gpus_per_node)
+    mixed = precision != "fp32"
+    w = 2 if mixed else 4  # bytes of the working (compute) copy of a parameter / gradient
+    if offload == "none":
+        return _states_on_gpu(n, largest_layer, zero, nodes * gpus_per_node, gpus_per_node, w, mixed)
+    return _states_offloaded(n, largest_layer, zero, offload, nodes, gpus_per_node, w, mixed)
+
+
+def _check_states_args(zero: int, offload: str, precision: str, nodes: int, gpus_per_node: int) -> None:
+    """Refuse a ZeRO stage, offload, precision or node layout that `model_states` cannot estimate."""
     if zero not in (0, 1, 2, 3):
         raise UserError(f"--zero must be 0, 1, 2 or 3, got {zero}")
     if offload not in OFFLOADS:
@@ -166,28 +176,30 @@ def model_states(n: int, largest_layer: int, zero: int, offload: str, nodes: int
         raise UserError(f"--nodes must be >= 1, got {nodes}")
     if gpus_per_node < 1:
         raise UserError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+
+
+def _states_on_gpu(n: int, ll: int, zero: int, g: int, gpus_per_node: int, w: int, mixed: bool) -> ModelStates:
+    """`model_states` without offload: the ZeRO table of its docstring (g = GPUs in all, ll = largest layer)."""
+    cpu = int((ll if zero == 3 else n) * 4 * gpus_per_node * BUFFER_FACTOR)
+    if zero == 0:
+        return ModelStates(w * n, (w + 4) * n if mixed else 4 * n, 12 * n if mixed else 8 * n, cpu)
+    if zero == 1:
+        return ModelStates(w * n, w * n + (int(4 * n / g) if mixed else 0), int(12 * n / g), cpu)
+    if zero == 2:
+        grads = int((w + 4) * n / g) if mixed else int(4 * n / g)
+        total = int((w + 16) * n / g) if mixed else int(16 * n / g)
+        return ModelStates(w * n, grads, total - grads, cpu)
+    # ZeRO-3: DeepSpeed's int(18 N / G) + 4 L, split as `model_states` documents.
+    p, gr = int(w * n / g) + w * ll, int(4 * n / g) + w * ll
+    total = (int(18 * n / g) + 4 * ll) if mixed else (int(20 * n / g) + 8 * ll)
+    return ModelStates(p, gr, total - p - gr, cpu)
+
+
+def _states_offloaded(n: int, ll: int, zero: int, offload: str, nodes: int, gpus_per_node: int, w: int,
+                      mixed: bool) -> ModelStates:
+    """`model_states` with offload to cpu or nvme (ll = largest layer)."""
     g = nodes * gpus_per_node
-    ll = largest_layer
     f = BUFFER_FACTOR
-    mixed = precision != "fp32"
-    w = 2 if mixed else 4  # bytes of the working (compute) copy of a parameter / gradient
-
-    if offload == "none":
-        cpu = int((ll if zero == 3 else n) * 4 * gpus_per_node * f)
-        if zero == 0:
-            return ModelStates(w * n, (w + 4) * n if mixed else 4 * n, 12 * n if mixed else 8 * n, cpu)
-        if zero == 1:
-            return ModelStates(w * n, w * n + (int(4 * n / g) if mixed else 0), int(12 * n / g), cpu)
-        if zero == 2:
-            grads = int((w + 4) * n / g) if mixed else int(4 * n / g)
-            total = int((w + 16) * n / g) if mixed else int(16 * n / g)
-            return ModelStates(w * n, grads, total - grads, cpu)
-        # ZeRO-3: DeepSpeed's int(18 N / G) + 4 L, split as documented above.
-        p, gr = int(w * n / g) + w * ll, int(4 * n / g) + w * ll
-        total = (int(18 * n / g) + 4 * ll) if mixed else (int(20 * n / g) + 8 * ll)
-        return ModelStates(p, gr, total - p - gr, cpu)
-
-    # Offload.
     if zero in (1, 2):
         cpu = int(n * max(4 * g, 16) * f)
         grads = w * n if zero == 1 else 0  # ZeRO-1 keeps the whole 16-bit gradient on the GPU
@@ -248,7 +260,23 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precisio
     if micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {micro_batch}")
     e = 4 if precision == "fp32" else 2
-    h, inter, a, k, v = shape.hidden, shape.intermediate, shape.heads, shape.kv_dim, shape.vocab
+    layer, outside = _per_token_bytes(shape, e, device)
+    tokens = seq_len * micro_batch
+    logits = 12 * shape.vocab
+    if checkpointing:
+        layers = shape.layers * e * shape.hidden + layer
+        # The logits' peak is over before the backward recomputes the first layer.
+        peak = shape.layers * e * shape.hidden + max(layer, logits)
+    else:
+        layers = shape.layers * layer
+        peak = layers + logits
+    return {"one_layer": tokens * layer, "layers": tokens * layers, "outside_layers": tokens * outside,
+            "logits": tokens * logits, "total": tokens * (peak + outside)}
+
+
+def _per_token_bytes(shape: ModelShape, e: int, device: str) -> tuple[int, int]:
+    """(one layer, outside the layers) activation bytes per token, as `activation_bytes` documents them."""
+    h, inter, a, k = shape.hidden, shape.intermediate, shape.heads, shape.kv_dim
     m = (1 if device == "cuda" else e) if shape.dropout else 0
     if shape.model_type == "gpt2":
         act = 4 if shape.gelu_new else 1
@@ -259,22 +287,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precisio
     else:
         layer = 8 * h + e * (6 * h + 2 * k + 4 * inter) + 4 * a
         outside = 16 + 4 * h + 2 * e * h
-    tokens = seq_len * micro_batch
-    logits = 12 * v
-    if checkpointing:
-        layers = shape.layers * e * h + layer
-        # The logits' peak is over before the backward recomputes the first layer.
-        peak = shape.layers * e * h + max(layer, logits)
-    else:
-        layers = shape.layers * layer
-        peak = layers + logits
-    return {
-        "one_layer": tokens * layer,
-        "layers": tokens * layers,
-        "outside_layers": tokens * outside,
-        "logits": tokens * logits,
-        "total": tokens * (peak + outside),
-    }
+    return layer, outside
 
 
 # --------------------------------------------------------------------------- the estimate

@@ -166,6 +166,28 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
     config, overrides = split_config_args(list(args.args))
     cfg = load_config(config, overrides)
 
+    ranks_per_node = _check_counts(args)
+    template = args.template or ("single-node" if args.nodes == 1 else "multinode")
+    kind, text = _template_text(template)
+    if kind == "single-node" and args.nodes != 1:
+        raise UserError(f"--template single-node runs on one node, but --nodes is {args.nodes} (use multinode or deepspeed)")
+    world = args.nodes * ranks_per_node
+    check_batch(cfg, world, lambda key: where_of(cfg, key))
+    _check_time(args)
+
+    workdir, log_dir = _job_dirs(args, Path(cfg.output_dir))
+    bigtrain, python = _job_commands(args)
+    train_args = _train_args(config, overrides)
+    script = fill(text, _field_values(args, ranks_per_node, workdir, log_dir, bigtrain, python, train_args))
+    header = f"# Rendered by `bigtrain slurm render` for {args.nodes} node(s) x {ranks_per_node} rank(s) ({'GPU' if args.gpus_per_node else 'CPU'})."
+    lines = script.split("\n", 1)
+    if lines[0].startswith("#!") and len(lines) == 2:
+        script = f"{lines[0]}\n{header}\n{lines[1]}"
+    return script, log_dir
+
+
+def _check_counts(args: argparse.Namespace) -> int:
+    """Check the node, rank, CPU and restart counts; returns the ranks per node."""
     if args.nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {args.nodes}")
     if args.gpus_per_node < 0:
@@ -182,24 +204,28 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
     ranks_per_node = args.ntasks_per_node or (gpus if gpus > 0 else 1)
     if gpus > 0 and ranks_per_node > gpus:
         raise UserError(f"--ntasks-per-node {ranks_per_node} is more than --gpus-per-node {gpus}: each rank needs its own GPU")
-    template = args.template or ("single-node" if args.nodes == 1 else "multinode")
-    kind, text = _template_text(template)
-    if kind == "single-node" and args.nodes != 1:
-        raise UserError(f"--template single-node runs on one node, but --nodes is {args.nodes} (use multinode or deepspeed)")
-    world = args.nodes * ranks_per_node
-    check_batch(cfg, world, lambda key: where_of(cfg, key))
+    return ranks_per_node
 
+
+def _check_time(args: argparse.Namespace) -> None:
+    """--time must be a Slurm time that leaves room for --grace."""
     if args.time is not None:
         limit = _time_seconds(_check_text("--time", args.time))
         if limit is not None and args.grace >= limit:
             raise UserError(f"--grace {args.grace}s leaves no time to train within --time {args.time} ({limit}s)")
 
+
+def _job_dirs(args: argparse.Namespace, out_dir: Path) -> tuple[Path, Path]:
+    """(working directory, log directory) of the job, both absolute."""
     workdir = Path(os.path.abspath(args.workdir)) if args.workdir else Path.cwd()
     if args.workdir and not workdir.is_dir():
         raise UserError(f"--workdir: {args.workdir} is not a directory")
-    out_dir = Path(cfg.output_dir)
     log_dir = Path(os.path.abspath(args.log_dir)) if args.log_dir else (out_dir if out_dir.is_absolute() else workdir / out_dir) / "slurm"
+    return workdir, log_dir
 
+
+def _job_commands(args: argparse.Namespace) -> tuple[list[str], str]:
+    """(the bigtrain command as a list of words, the Python that runs DeepSpeed's launcher)."""
     if args.bigtrain is not None:
         try:
             bigtrain = shlex.split(_check_text("--bigtrain", args.bigtrain))
@@ -210,18 +236,29 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
     else:
         bigtrain = _default_bigtrain()
     python = _check_text("--python", args.python) if args.python else os.path.abspath(sys.executable)
+    return bigtrain, python
 
+
+def _train_args(config: Optional[str], overrides: list[str]) -> list[str]:
+    """The arguments of `bigtrain train` in the job: the config as an absolute path, then the overrides."""
     train_args = []
     if config is not None:
         train_args.append(os.path.abspath(config))
     train_args += overrides
     for a in train_args:
         _check_text("a training argument", a)
+    return train_args
+
+
+def _field_values(args: argparse.Namespace, ranks_per_node: int, workdir: Path, log_dir: Path, bigtrain: list[str],
+                  python: str, train_args: list[str]) -> dict[str, Optional[str]]:
+    """The value of each template field, shell-quoted; None drops the #SBATCH line."""
+    gpus = args.gpus_per_node
 
     def q(name: str, value: Optional[str]) -> Optional[str]:
         return None if value is None else shlex.quote(_check_text(name, value))
 
-    values: dict[str, Optional[str]] = {
+    return {
         "job_name": q("--job-name", args.job_name),
         "nodes": str(args.nodes),
         "ntasks_per_node": str(ranks_per_node),
@@ -244,12 +281,6 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
         "python": shlex.quote(python),
         "train_args": " ".join(shlex.quote(a) for a in train_args),
     }
-    script = fill(text, values)
-    header = f"# Rendered by `bigtrain slurm render` for {args.nodes} node(s) x {ranks_per_node} rank(s) ({'GPU' if gpus else 'CPU'})."
-    lines = script.split("\n", 1)
-    if lines[0].startswith("#!") and len(lines) == 2:
-        script = f"{lines[0]}\n{header}\n{lines[1]}"
-    return script, log_dir
 
 
 def _write(path: Path, text: str) -> None:

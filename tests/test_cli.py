@@ -80,8 +80,9 @@ def test_ds_config_template_keys_and_user_merge(tmp_path):
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"gradient_clipping": 0.25, "zero_optimization": {"reduce_bucket_size": 1234}}))
-    cfg = load_config(None, ["deepspeed.zero_stage=2", "train.micro_batch_size=3", "train.grad_accum=2", f"deepspeed.config={user}",
-                             "deepspeed.offload_optimizer=cpu", "deepspeed.precision=bf16"])
+    args = ["deepspeed.zero_stage=2", "train.micro_batch_size=3", "train.grad_accum=2", f"deepspeed.config={user}",
+            "deepspeed.offload_optimizer=cpu", "deepspeed.precision=bf16"]
+    cfg = load_config(None, args)
     ds = build_ds_config(cfg, world_size=4, on_cpu=True)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 0.25  # the user's value wins
@@ -90,12 +91,14 @@ def test_ds_config_template_keys_and_user_merge(tmp_path):
     assert zo["offload_optimizer"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert "auto" not in json.dumps(ds)
-    # A user ds_config whose batch contradicts the train.* keys is refused.
+    # The file is parsed once, when the config is loaded: a later edit does not reach this run.
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    assert build_ds_config(cfg, world_size=4, on_cpu=True)["gradient_clipping"] == 0.25
+    # A user ds_config whose batch contradicts the train.* keys is refused.
     from bigtrain.errors import UserError
 
     with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=8"):
-        build_ds_config(cfg, world_size=4, on_cpu=True)
+        build_ds_config(load_config(None, args), world_size=4, on_cpu=True)
 
 
 def test_no_weight_decay_on_biases_and_norms():

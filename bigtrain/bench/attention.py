@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 BACKENDS = ("bigtrain_triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "eager")
@@ -116,6 +116,23 @@ def _bench_one(fn: Callable[..., Any], q: Any, k: Any, v: Any, mode: str, measur
     return measure(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do), warmup, reps)
 
 
+class _Plan(NamedTuple):
+    """What one run measures, and how (the smoke configuration or the command line's)."""
+
+    seqlens: list[int]
+    head_dims: list[int]
+    tokens: int
+    hidden: int
+    dtypes: list[str]
+    backends: list[str]
+    warmup: int
+    reps: int
+    modes: list[str]
+    eager_max_seq: int
+    cuda: bool
+    measure: Callable[[Callable[[], Any], int, int], float]
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; prints a table, optionally writes JSON and a PNG. Returns an exit code."""
     cuda_visible = _cuda_available()
@@ -123,10 +140,28 @@ def run(args: argparse.Namespace) -> int:
     if not cuda_visible:
         # Must precede the first flash_attn call: the kernels read it when they are defined.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import torch
+    plan = _plan(args, smoke, cuda_visible)
+    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
+    env = _environment(smoke, cuda_visible)
+    _print_header(env, smoke, args.modes)
+    results: list[dict[str, Any]] = []
+    for dt_name in plan.dtypes:
+        for causal in causals:
+            for hd in plan.head_dims:
+                for seq in plan.seqlens:
+                    results += _bench_shape(plan, dt_name, causal, hd, seq)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": results}, f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        _plot(results, args.modes, args.plot, env)
+        print(f"wrote {args.plot}")
+    return 0
 
-    device = "cuda" if cuda_visible else "cpu"
-    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+def _plan(args: argparse.Namespace, smoke: bool, cuda_visible: bool) -> _Plan:
+    """The smoke configuration (tiny shapes, one repetition) or the command line's."""
     if smoke:
         seqlens, head_dims, tokens, hidden = [64], [32], 64, 64
         dt_names = ["fp32"] if not cuda_visible else args.dtypes[:1]
@@ -136,8 +171,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         seqlens, head_dims, tokens, hidden = args.seqlens, args.head_dims, args.tokens, args.hidden
         dt_names, backends, warmup, reps = args.dtypes, args.backends, args.warmup, args.reps
-    causals = {"both": [False, True], "yes": [True], "no": [False]}[args.causal]
-    measure = _timer(cuda_visible)
+    return _Plan(seqlens, head_dims, tokens, hidden, dt_names, backends, warmup, reps, args.modes, args.eager_max_seq,
+                 cuda_visible, _timer(cuda_visible))
+
+
+def _environment(smoke: bool, cuda_visible: bool) -> dict[str, Any]:
+    """Device, versions and settings, for the header, the JSON and the plot's title."""
+    import torch
 
     env = {"device": torch.cuda.get_device_name() if cuda_visible else "cpu (Triton interpreter)",
            "torch": torch.__version__, "smoke": smoke, "flops": FLOP_NOTE,
@@ -148,53 +188,62 @@ def run(args: argparse.Namespace) -> int:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    return env
+
+
+def _print_header(env: dict[str, Any], smoke: bool, modes: list[str]) -> None:
     print(f"# attention benchmark on {env['device']}; torch {env['torch']}, triton {env['triton']}")
     print(f"# {FLOP_NOTE}")
     print(f"# bigtrain_triton autotuning: {'on' if env['autotune'] else 'off (BIGTRAIN_ATTN_AUTOTUNE=0)'}")
     if smoke:
         print("# smoke configuration: numbers are not performance figures")
     header = f"{'dtype':5} {'causal':6} {'hdim':>4} {'seq':>6} {'batch':>5} {'heads':>5} {'backend':16} " + \
-        " ".join(f"{m + ' TF/s':>12}" for m in args.modes)
+        " ".join(f"{m + ' TF/s':>12}" for m in modes)
     print(header)
-    results: list[dict[str, Any]] = []
-    for dt_name in dt_names:
-        for causal in causals:
-            for hd in head_dims:
-                for seq in seqlens:
-                    batch, heads = max(1, tokens // seq), max(1, hidden // hd)
-                    g = torch.Generator(device=device).manual_seed(0)
-                    mk = lambda: torch.randn(batch, heads, seq, hd, device=device, generator=g,  # noqa: E731
-                                             dtype=dtypes[dt_name]).requires_grad_()
-                    q, k, v = mk(), mk(), mk()
-                    for backend in backends:
-                        row = {"dtype": dt_name, "causal": causal, "head_dim": hd, "seq": seq, "batch": batch,
-                               "heads": heads, "backend": backend}
-                        fn = _attention_fn(backend, causal)
-                        for mode in args.modes:
-                            tflops = None
-                            if fn is not None and not (backend == "eager" and seq > args.eager_max_seq):
-                                try:
-                                    sec = _bench_one(fn, q, k, v, mode, measure, warmup, reps)
-                                    tflops = _flops(batch, heads, seq, hd, causal, mode) / sec / 1e12
-                                except (RuntimeError, torch.OutOfMemoryError) as e:  # backend unsupported here
-                                    row[f"{mode}_error"] = str(e).splitlines()[0][:200] if str(e) else repr(e)
-                                    if cuda_visible:
-                                        torch.cuda.empty_cache()
-                            row[mode] = tflops
-                        results.append(row)
-                        cells = " ".join(f"{row[m]:12.2f}" if row[m] is not None else f"{'-':>12}"
-                                         for m in args.modes)
-                        print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {batch:5d} {heads:5d} {backend:16} {cells}",
-                              flush=True)
-                    del q, k, v
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=1)
-        print(f"wrote {args.json}")
-    if args.plot:
-        _plot(results, args.modes, args.plot, env)
-        print(f"wrote {args.plot}")
-    return 0
+
+
+def _bench_shape(plan: _Plan, dt_name: str, causal: bool, hd: int, seq: int) -> list[dict[str, Any]]:
+    """Every backend on one shape: a result row each, printed as a table line as it comes."""
+    import torch
+
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    device = "cuda" if plan.cuda else "cpu"
+    batch, heads = max(1, plan.tokens // seq), max(1, plan.hidden // hd)
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda: torch.randn(batch, heads, seq, hd, device=device, generator=g,  # noqa: E731
+                             dtype=dtypes[dt_name]).requires_grad_()
+    q, k, v = mk(), mk(), mk()
+    rows = []
+    for backend in plan.backends:
+        row = {"dtype": dt_name, "causal": causal, "head_dim": hd, "seq": seq, "batch": batch,
+               "heads": heads, "backend": backend}
+        fn = _attention_fn(backend, causal)
+        for mode in plan.modes:
+            tflops = None
+            if fn is not None and not (backend == "eager" and seq > plan.eager_max_seq):
+                tflops, error = _measure_tflops(plan, fn, (q, k, v), mode, _flops(batch, heads, seq, hd, causal, mode))
+                if error is not None:
+                    row[f"{mode}_error"] = error
+            row[mode] = tflops
+        rows.append(row)
+        cells = " ".join(f"{row[m]:12.2f}" if row[m] is not None else f"{'-':>12}" for m in plan.modes)
+        print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {batch:5d} {heads:5d} {backend:16} {cells}", flush=True)
+    return rows
+
+
+def _measure_tflops(plan: _Plan, fn: Callable[..., Any], qkv: tuple[Any, Any, Any], mode: str,
+                    flops: float) -> tuple[float | None, str | None]:
+    """(TFLOP/s, None), or (None, the error's first line) where the backend fails on this shape or device."""
+    import torch
+
+    try:
+        sec = _bench_one(fn, *qkv, mode, plan.measure, plan.warmup, plan.reps)
+        return flops / sec / 1e12, None
+    except (RuntimeError, torch.OutOfMemoryError) as e:  # backend unsupported here
+        error = str(e).splitlines()[0][:200] if str(e) else repr(e)
+        if plan.cuda:
+            torch.cuda.empty_cache()
+        return None, error
 
 
 def _cuda_available() -> bool:

@@ -146,6 +146,43 @@ def _classic_side(files: list[Path], tokenizer: Any, eos: int, block_size: int, 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; prints a table, optionally writes JSON and a PNG. Returns an exit code."""
+    _check_arguments(args)
+    num_proc = args.num_proc or os.cpu_count() or 1
+    # The environment bigtrain's own verbs run in (bigtrain.engine.setup_accelerator).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import datasets
+
+    from bigtrain.data import resolve_sources
+    from bigtrain.tokenizer import separator_id
+
+    datasets.disable_progress_bars()
+    datasets.disable_caching()  # no map result is reused, on either side
+    with tempfile.TemporaryDirectory(prefix="bigtrain-bench-data-") as tmp:
+        work = Path(tmp)
+        files = _corpus(args.mb, work / "corpus")
+        corpus_bytes = sum(f.stat().st_size for f in files)
+        tokenizer, tok_desc = _tokenizer(args, files, work)
+        eos = separator_id(tokenizer)
+        sources = resolve_sources([str(work / "corpus")], "--mb")
+        if [s.path for s in sources] != files:
+            raise RuntimeError("bench data: the corpus directory lists differently from the copied files")
+        _print_header(args, corpus_bytes, len(files), tok_desc, num_proc)
+
+        rounds: list[dict[str, Any]] = []
+        n_tokens = n_classic = 0
+        for r in range(args.rounds):
+            measured = _round(args, r, work, sources, files, tokenizer, eos, num_proc)
+            if measured is None:  # the two sides' blocks differ (the error is printed)
+                return 1
+            row, n_tokens, n_classic = measured
+            rounds.append(row)
+    return _report(args, rounds, n_tokens, n_classic, corpus_bytes, len(files), num_proc)
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
     if not args.mb > 0:
         raise UserError(f"--mb must be > 0, got {args.mb}")
     if args.num_proc is not None and args.num_proc < 1:
@@ -156,77 +193,74 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds must be >= 1, got {args.rounds}")
     if args.tokenizer is None and args.vocab_size < 300:
         raise UserError(f"--vocab-size must be >= 300 (256 bytes + specials + merges), got {args.vocab_size}")
-    num_proc = args.num_proc or os.cpu_count() or 1
-    # The environment bigtrain's own verbs run in (bigtrain.engine.setup_accelerator).
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    import datasets
+
+def _tokenizer(args: argparse.Namespace, files: list[Path], work: Path) -> tuple[Any, str]:
+    """(tokenizer, its description): --tokenizer DIR, or a byte-level BPE trained on the corpus (untimed)."""
+    from bigtrain.tokenizer import iter_texts, load_tokenizer, train_bpe
+
+    if args.tokenizer:
+        tok_dir, tok_desc = Path(args.tokenizer), f"tokenizer {args.tokenizer}"
+        tokenizer = load_tokenizer(tok_dir, where="--tokenizer")
+    else:
+        print(f"# training a byte-level BPE (vocab {args.vocab_size}) on the corpus (not timed) ...", flush=True)
+        tok_dir = train_bpe(iter_texts(files), args.vocab_size, work / "tokenizer")
+        tok_desc = f"byte-level BPE vocab {args.vocab_size} trained on the corpus"
+        tokenizer = load_tokenizer(tok_dir)
+    return tokenizer, tok_desc
+
+
+def _print_header(args: argparse.Namespace, corpus_bytes: int, n_files: int, tok_desc: str, num_proc: int) -> None:
+    print(f"# data benchmark: {corpus_bytes / 2**20:.2f} MB of the Python standard library "
+          f"({n_files} .py files, one document each); {tok_desc}")
+    print(f"# seq_len {args.seq_len}, num_proc {num_proc} on both sides, {args.rounds} round(s) alternating "
+          f"bigtrain / classic; fresh caches, datasets map caching off")
+    print(f"# {CLASSIC_NOTE}")
+    print(f"{'round':>6} {'bigtrain s':>10} {'bigtrain tok/s':>15} {'classic s':>10} {'classic tok/s':>15} {'ratio':>6}",
+          flush=True)
+
+
+def _round(args: argparse.Namespace, r: int, work: Path, sources: list, files: list[Path], tokenizer: Any, eos: int,
+           num_proc: int) -> tuple[dict[str, Any], int, int] | None:
+    """Round r: bigtrain then classic, each with a fresh cache; prints its table line.
+
+    Returns (the round's row, bigtrain's tokens, classic's tokens), or None after printing the
+    error when the two sides' blocks differ.
+    """
     import numpy as np
 
-    from bigtrain.data import resolve_sources
-    from bigtrain.tokenizer import iter_texts, load_tokenizer, separator_id, train_bpe
+    cache = work / f"cache-bigtrain-{r}"
+    sec_b, ids = _bigtrain_side(sources, tokenizer, eos, args.seq_len, num_proc, cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    cache = work / f"cache-classic-{r}"
+    sec_c, lm = _classic_side(files, tokenizer, eos, args.seq_len, num_proc, cache)
+    classic_ids = _blocks_of(lm, args.seq_len)
+    del lm
+    shutil.rmtree(cache, ignore_errors=True)
+    n_tokens, n_classic = int(ids.size), int(classic_ids.size)
+    if n_tokens == 0 and n_classic == 0:
+        raise UserError(f"--mb {args.mb}: too few tokens for one block of --seq-len {args.seq_len}; "
+                        "raise --mb or lower --seq-len")
+    if ids.shape != classic_ids.shape or not np.array_equal(ids, classic_ids):
+        where = ""
+        if ids.shape == classic_ids.shape:
+            first = int(np.argmax((ids != classic_ids).reshape(-1)))
+            where = f"; first difference at token {first} (block {first // args.seq_len})"
+        print(f"error: bigtrain and the classic recipe yield different blocks: bigtrain {ids.shape[0]} x "
+              f"{args.seq_len} ({n_tokens} tokens), classic {classic_ids.shape[0]} x {args.seq_len} "
+              f"({n_classic} tokens){where}", file=sys.stderr)
+        return None
+    row = {"round": r + 1, "bigtrain_s": sec_b, "classic_s": sec_c,
+           "tokens_per_s": n_tokens / sec_b, "classic_tokens_per_s": n_classic / sec_c,
+           "ratio": sec_c / sec_b}
+    print(f"{r + 1:6d} {sec_b:10.2f} {row['tokens_per_s']:15,.0f} {sec_c:10.2f} "
+          f"{row['classic_tokens_per_s']:15,.0f} {row['ratio']:6.2f}", flush=True)
+    return row, n_tokens, n_classic
 
-    datasets.disable_progress_bars()
-    datasets.disable_caching()  # no map result is reused, on either side
-    with tempfile.TemporaryDirectory(prefix="bigtrain-bench-data-") as tmp:
-        work = Path(tmp)
-        files = _corpus(args.mb, work / "corpus")
-        corpus_bytes = sum(f.stat().st_size for f in files)
-        if args.tokenizer:
-            tok_dir, tok_desc = Path(args.tokenizer), f"tokenizer {args.tokenizer}"
-            tokenizer = load_tokenizer(tok_dir, where="--tokenizer")
-        else:
-            print(f"# training a byte-level BPE (vocab {args.vocab_size}) on the corpus (not timed) ...", flush=True)
-            tok_dir = train_bpe(iter_texts(files), args.vocab_size, work / "tokenizer")
-            tok_desc = f"byte-level BPE vocab {args.vocab_size} trained on the corpus"
-            tokenizer = load_tokenizer(tok_dir)
-        eos = separator_id(tokenizer)
-        sources = resolve_sources([str(work / "corpus")], "--mb")
-        if [s.path for s in sources] != files:
-            raise RuntimeError("bench data: the corpus directory lists differently from the copied files")
 
-        print(f"# data benchmark: {corpus_bytes / 2**20:.2f} MB of the Python standard library "
-              f"({len(files)} .py files, one document each); {tok_desc}")
-        print(f"# seq_len {args.seq_len}, num_proc {num_proc} on both sides, {args.rounds} round(s) alternating "
-              f"bigtrain / classic; fresh caches, datasets map caching off")
-        print(f"# {CLASSIC_NOTE}")
-        print(f"{'round':>6} {'bigtrain s':>10} {'bigtrain tok/s':>15} {'classic s':>10} {'classic tok/s':>15} {'ratio':>6}",
-              flush=True)
-
-        rounds: list[dict[str, Any]] = []
-        n_tokens = n_classic = 0
-        for r in range(args.rounds):
-            cache = work / f"cache-bigtrain-{r}"
-            sec_b, ids = _bigtrain_side(sources, tokenizer, eos, args.seq_len, num_proc, cache)
-            shutil.rmtree(cache, ignore_errors=True)
-            cache = work / f"cache-classic-{r}"
-            sec_c, lm = _classic_side(files, tokenizer, eos, args.seq_len, num_proc, cache)
-            classic_ids = _blocks_of(lm, args.seq_len)
-            del lm
-            shutil.rmtree(cache, ignore_errors=True)
-            n_tokens, n_classic = int(ids.size), int(classic_ids.size)
-            if n_tokens == 0 and n_classic == 0:
-                raise UserError(f"--mb {args.mb}: too few tokens for one block of --seq-len {args.seq_len}; "
-                                "raise --mb or lower --seq-len")
-            if ids.shape != classic_ids.shape or not np.array_equal(ids, classic_ids):
-                where = ""
-                if ids.shape == classic_ids.shape:
-                    first = int(np.argmax((ids != classic_ids).reshape(-1)))
-                    where = f"; first difference at token {first} (block {first // args.seq_len})"
-                print(f"error: bigtrain and the classic recipe yield different blocks: bigtrain {ids.shape[0]} x "
-                      f"{args.seq_len} ({n_tokens} tokens), classic {classic_ids.shape[0]} x {args.seq_len} "
-                      f"({n_classic} tokens){where}", file=sys.stderr)
-                return 1
-            row = {"round": r + 1, "bigtrain_s": sec_b, "classic_s": sec_c,
-                   "tokens_per_s": n_tokens / sec_b, "classic_tokens_per_s": n_classic / sec_c,
-                   "ratio": sec_c / sec_b}
-            rounds.append(row)
-            print(f"{r + 1:6d} {sec_b:10.2f} {row['tokens_per_s']:15,.0f} {sec_c:10.2f} "
-                  f"{row['classic_tokens_per_s']:15,.0f} {row['ratio']:6.2f}", flush=True)
-            del ids, classic_ids
-
+def _report(args: argparse.Namespace, rounds: list[dict[str, Any]], n_tokens: int, n_classic: int, corpus_bytes: int,
+            n_files: int, num_proc: int) -> int:
+    """Prints the medians and the ratio; writes the JSON and the plot if asked. Returns the exit code."""
     tps = statistics.median(x["tokens_per_s"] for x in rounds)
     ctps = statistics.median(x["classic_tokens_per_s"] for x in rounds)
     ratios = [x["ratio"] for x in rounds]
@@ -240,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_s": tps, "classic_tokens_per_s": ctps, "ratio": ratio,
         "ratio_min": min(ratios), "ratio_max": max(ratios),
         "tokens": n_tokens, "classic_tokens": n_classic, "blocks": n_tokens // args.seq_len,
-        "mb": args.mb, "corpus_bytes": corpus_bytes, "files": len(files), "seq_len": args.seq_len,
+        "mb": args.mb, "corpus_bytes": corpus_bytes, "files": n_files, "seq_len": args.seq_len,
         "num_proc": num_proc, "rounds": args.rounds, "per_round": rounds,
         "tokenizer": str(args.tokenizer) if args.tokenizer else f"bpe-{args.vocab_size} trained on the corpus",
         "classic": CLASSIC_NOTE, "cpu_count": os.cpu_count(),

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from bigtrain.errors import UserError
 from bigtrain.steps import Callback
@@ -154,13 +154,10 @@ def run_bigtrain(config_path: str, steps: int, warmup: int) -> dict:
 
 def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     """transformers' Trainer on the same model, data, batch, precision and DeepSpeed config."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer
 
     from bigtrain.data import TokenBlocks, prepare, split_indices
-    from bigtrain.engine import build_ds_config, dist_env, precision_of, setup_accelerator
-    from bigtrain.models import preset_config
+    from bigtrain.engine import dist_env, setup_accelerator
     from bigtrain.tokenizer import load_tokenizer
 
     cfg = _bench_config(config_path, steps, warmup)
@@ -170,7 +167,27 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     tok = load_tokenizer(prepared.tokenizer_dir)
     blocks = TokenBlocks(prepared.train_path)
     train_idx, _ = split_indices(len(blocks), cfg.data.valid_fraction, cfg.train.seed, prepared.valid_path is not None)
-    ds_config = build_ds_config(cfg, env.world_size, on_cpu)
+    ds_config, precision = _hf_ds_config(cfg, env.world_size, on_cpu)
+    model = _hf_model(cfg, tok, on_cpu)
+    n_params = sum(p.numel() for p in model.parameters())
+    cuda = not on_cpu
+    step_times: list[float] = []
+    args = _hf_training_args(cfg, ds_config, precision, on_cpu)
+    Trainer(model=model, args=args, train_dataset=_hf_dataset(blocks, train_idx), callbacks=[_hf_step_timer(cuda, step_times)]).train()
+    t = cfg.train
+    # Step k's time is measured end to end (data included), as bigtrain's "total".
+    return {
+        "side": "hf", "steps": [{"total": s} for s in step_times[max(0, warmup - 1):]], "peak_memory_bytes": peak_memory_bytes(cuda),
+        "params": n_params, "tokens_per_step": t.micro_batch_size * t.grad_accum * env.world_size * cfg.data.seq_len,
+        "world_size": env.world_size, "precision": precision, "cuda": cuda,
+    }
+
+
+def _hf_ds_config(cfg, world_size: int, on_cpu: bool) -> tuple[dict, str]:
+    """(bigtrain's ds_config for the HF Trainer, its precision)."""
+    from bigtrain.engine import build_ds_config, precision_of
+
+    ds_config = build_ds_config(cfg, world_size, on_cpu)
     precision = precision_of(ds_config)
     # Values the HF Trainer also sets from its arguments become "auto" so it fills them itself
     # (from the same numbers, given below); everything else is bigtrain's config, unchanged.
@@ -180,6 +197,16 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     ds_config["scheduler"]["params"].update(total_num_steps="auto", warmup_num_steps="auto")
     for k in ("bf16", "fp16"):
         ds_config.setdefault(k, {})["enabled"] = "auto"
+    return ds_config, precision
+
+
+def _hf_model(cfg, tok, on_cpu: bool):
+    """The config's model (preset, vocabulary, special ids, attention), built by transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bigtrain.models import preset_config
+
     ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     hf_config = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((len(tok) + 63) // 64) * 64, special_ids=ids)
     hf_config.use_cache = False
@@ -187,8 +214,13 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     attn = cfg.model.attn_implementation if cfg.model.attn_implementation != "auto" else ("sdpa" if on_cpu else "bigtrain_triton")
     if attn == "bigtrain_triton":
         import bigtrain.kernels  # noqa: F401
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
-    n_params = sum(p.numel() for p in model.parameters())
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
+
+
+def _hf_dataset(blocks, train_idx):
+    """bigtrain's training blocks as a torch Dataset of {input_ids, labels}."""
+    import numpy as np
+    import torch
 
     class Blocks(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -198,8 +230,13 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
             ids = torch.from_numpy(blocks.take(np.array([train_idx[i]]))["input_ids"][0].astype(np.int64))
             return {"input_ids": ids, "labels": ids}
 
-    cuda = not on_cpu
-    step_times: list[float] = []
+    return Blocks()
+
+
+def _hf_step_timer(cuda: bool, step_times: list[float]):
+    """A TrainerCallback that appends the time from one step's end to the next to step_times."""
+    import torch
+    from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
         def __init__(self) -> None:
@@ -213,22 +250,22 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
                 step_times.append(now - self.last)
             self.last = now
 
+    return Timing()
+
+
+def _hf_training_args(cfg, ds_config: dict, precision: str, on_cpu: bool):
+    """TrainingArguments with bigtrain's batch, optimizer, schedule, precision and ds_config; no logging, eval or saving."""
+    from transformers import TrainingArguments
+
     out = tempfile.mkdtemp(prefix="bigtrain-bench-hf-")
     t = cfg.train
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=out, deepspeed=ds_config, per_device_train_batch_size=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.beta1, adam_beta2=t.beta2, max_grad_norm=t.grad_clip,
         max_steps=t.max_steps, warmup_steps=max(1, min(t.warmup_steps, t.max_steps - 1)), bf16=precision == "bf16", fp16=precision == "fp16",
         logging_steps=NO_EVAL, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         seed=t.seed, use_cpu=on_cpu, gradient_checkpointing=cfg.deepspeed.activation_checkpointing,
     )
-    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[Timing()]).train()
-    # Step k's time is measured end to end (data included), as bigtrain's "total".
-    return {
-        "side": "hf", "steps": [{"total": s} for s in step_times[max(0, warmup - 1):]], "peak_memory_bytes": peak_memory_bytes(cuda),
-        "params": n_params, "tokens_per_step": t.micro_batch_size * t.grad_accum * env.world_size * cfg.data.seq_len,
-        "world_size": env.world_size, "precision": precision, "cuda": cuda,
-    }
 
 
 def worker_main(argv: list[str]) -> int:
@@ -290,14 +327,43 @@ def summarize(results: list[dict]) -> dict:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from bigtrain.config import dump_yaml, load_config, split_config_args
-    from bigtrain.engine import setup_accelerator
+    _check_arguments(ns)
+    cfg, config_path, workdir, on_cpu = _setup(ns)
+    peak, peak_source = device_peak_flops(not on_cpu, ns.peak_tflops)
+    rounds = ns.rounds if ns.compare else 1
+    ours, theirs = _measure_rounds(ns, str(config_path), workdir, rounds)
+    a, fpt = _bigtrain_summary(ours, cfg.data.seq_len, peak)
+    result = {
+        "preset": cfg.model.preset, "precision": ours[0]["precision"], "zero_stage": cfg.deepspeed.zero_stage, "world_size": ours[0]["world_size"],
+        "seq_len": cfg.data.seq_len, "global_batch": ours[0]["tokens_per_step"] // cfg.data.seq_len, "steps": ns.steps, "warmup": ns.warmup,
+        "rounds": rounds, "flops_per_token": fpt, "flop_formula": FLOP_FORMULA, "peak_flops": peak, "peak_source": peak_source,
+        "device": "cpu" if on_cpu else "cuda", **a,
+    }
+    lines = _report_lines(result)
+    if ns.compare:
+        lines += _compare_hf(result, summarize(theirs))
+    print("\n".join(lines))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
 
+
+def _check_arguments(ns: argparse.Namespace) -> None:
     for name, value, lo in (("--steps", ns.steps, 1), ("--warmup", ns.warmup, 1), ("--rounds", ns.rounds, 1)):
         if value < lo:
             raise UserError(f"{name} must be >= {lo}, got {value}")
     if ns.peak_tflops is not None and ns.peak_tflops <= 0:
         raise UserError(f"--peak-tflops must be > 0, got {ns.peak_tflops}")
+
+
+def _setup(ns: argparse.Namespace) -> tuple[Any, Path, Path, bool]:
+    """Load and check the config, write it into a fresh work directory and tokenize once.
+
+    Returns (config, its path, the work directory, on_cpu).
+    """
+    from bigtrain.config import dump_yaml, load_config, split_config_args
+    from bigtrain.engine import setup_accelerator
+
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
     if cfg.task != "clm":
@@ -310,56 +376,63 @@ def run(ns: argparse.Namespace) -> int:
     from bigtrain.data import prepare
 
     prepare(cfg, log=lambda *a: print(*a, file=sys.stderr))  # tokenize once, outside the timings
-    peak, peak_source = device_peak_flops(not on_cpu, ns.peak_tflops)
-    rounds = ns.rounds if ns.compare else 1
+    return cfg, config_path, workdir, on_cpu
+
+
+def _measure_rounds(ns: argparse.Namespace, config_path: str, workdir: Path, rounds: int) -> tuple[list[dict], list[dict]]:
+    """(bigtrain's results, the HF Trainer's results), one of each per round, alternating."""
     ours: list[dict] = []
     theirs: list[dict] = []
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}: bigtrain ...", file=sys.stderr, flush=True)
-        ours.append(_run_side("bigtrain", str(config_path), ns.steps, ns.warmup, workdir))
+        ours.append(_run_side("bigtrain", config_path, ns.steps, ns.warmup, workdir))
         if ns.compare:
             print(f"round {r + 1}/{rounds}: transformers Trainer ...", file=sys.stderr, flush=True)
-            theirs.append(_run_side("hf", str(config_path), ns.steps, ns.warmup, workdir))
+            theirs.append(_run_side("hf", config_path, ns.steps, ns.warmup, workdir))
+    return ours, theirs
+
+
+def _bigtrain_summary(ours: list[dict], seq_len: int, peak: float) -> tuple[dict, float]:
+    """(`summarize` of bigtrain's rounds with achieved TFLOP/s and MFU added, FLOPs per token)."""
     a = summarize(ours)
     from transformers import AutoConfig
 
     hf_config = dict(ours[0]["hf_config"])
     hf_cfg = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
-    fpt = flops_per_token(a["params"], hf_cfg, cfg.data.seq_len)
+    fpt = flops_per_token(a["params"], hf_cfg, seq_len)
     a["tflops"] = fpt * a["tokens_per_s"] / 1e12
     a["mfu"] = fpt * a["tokens_per_s_per_device"] / peak
-    result = {
-        "preset": cfg.model.preset, "precision": ours[0]["precision"], "zero_stage": cfg.deepspeed.zero_stage, "world_size": ours[0]["world_size"],
-        "seq_len": cfg.data.seq_len, "global_batch": ours[0]["tokens_per_step"] // cfg.data.seq_len, "steps": ns.steps, "warmup": ns.warmup,
-        "rounds": rounds, "flops_per_token": fpt, "flop_formula": FLOP_FORMULA, "peak_flops": peak, "peak_source": peak_source,
-        "device": "cpu" if on_cpu else "cuda", **a,
-    }
+    return a, fpt
+
+
+def _report_lines(result: dict) -> list[str]:
+    """bigtrain's side of the printed report."""
+    r = result
     lines = [
-        f"bigtrain bench train: {cfg.model.preset} ({a['params'] / 1e6:.2f}M params), {result['precision']}, ZeRO-{cfg.deepspeed.zero_stage}, "
-        f"world size {result['world_size']}, batch {result['global_batch']} x {cfg.data.seq_len} tokens, {ns.steps} steps x {rounds} round(s)",
-        f"  bigtrain      {a['tokens_per_s']:>10,.0f} tokens/s ({a['tokens_per_s_per_device']:,.0f} per device), median step {a['median_step_s'] * 1e3:.1f} ms, "
-        f"peak memory {a['peak_memory_bytes'] / 2**20:,.0f} MiB",
-        f"  achieved      {a['tflops']:.3f} TFLOP/s, MFU {100 * a['mfu']:.1f}% of {peak / 1e12:.2f} TFLOP/s ({peak_source})",
-        f"  FLOPs         {FLOP_FORMULA} = {fpt / 1e6:.1f} MFLOP/token",
+        f"bigtrain bench train: {r['preset']} ({r['params'] / 1e6:.2f}M params), {r['precision']}, ZeRO-{r['zero_stage']}, "
+        f"world size {r['world_size']}, batch {r['global_batch']} x {r['seq_len']} tokens, {r['steps']} steps x {r['rounds']} round(s)",
+        f"  bigtrain      {r['tokens_per_s']:>10,.0f} tokens/s ({r['tokens_per_s_per_device']:,.0f} per device), median step {r['median_step_s'] * 1e3:.1f} ms, "
+        f"peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        f"  achieved      {r['tflops']:.3f} TFLOP/s, MFU {100 * r['mfu']:.1f}% of {r['peak_flops'] / 1e12:.2f} TFLOP/s ({r['peak_source']})",
+        f"  FLOPs         {FLOP_FORMULA} = {r['flops_per_token'] / 1e6:.1f} MFLOP/token",
     ]
-    if "split" in a:
-        lines.append("  step split    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in a["split"].items()))
-    if ns.compare:
-        b = summarize(theirs)
-        ratios = [x / y for x, y in zip(a["round_medians_s"], b["round_medians_s"])]
-        result.update(
-            hf_tokens_per_s=b["tokens_per_s"], hf_median_step_s=b["median_step_s"], hf_peak_memory_bytes=b["peak_memory_bytes"],
-            hf_round_medians_s=b["round_medians_s"], step_time_ratio=a["median_step_s"] / b["median_step_s"],
-            step_time_ratio_rounds=ratios,
-        )
-        lines += [
-            f"  HF Trainer    {b['tokens_per_s']:>10,.0f} tokens/s, median step {b['median_step_s'] * 1e3:.1f} ms, peak memory {b['peak_memory_bytes'] / 2**20:,.0f} MiB",
-            f"  step time ratio bigtrain/HF: {result['step_time_ratio']:.3f} (per round {min(ratios):.3f}-{max(ratios):.3f}; < 1 means bigtrain is faster)",
-        ]
-    print("\n".join(lines))
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    if "split" in r:
+        lines.append("  step split    " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["split"].items()))
+    return lines
+
+
+def _compare_hf(result: dict, b: dict) -> list[str]:
+    """Adds the HF Trainer's summary `b` and the step-time ratios to result; returns their report lines."""
+    ratios = [x / y for x, y in zip(result["round_medians_s"], b["round_medians_s"])]
+    result.update(
+        hf_tokens_per_s=b["tokens_per_s"], hf_median_step_s=b["median_step_s"], hf_peak_memory_bytes=b["peak_memory_bytes"],
+        hf_round_medians_s=b["round_medians_s"], step_time_ratio=result["median_step_s"] / b["median_step_s"],
+        step_time_ratio_rounds=ratios,
+    )
+    return [
+        f"  HF Trainer    {b['tokens_per_s']:>10,.0f} tokens/s, median step {b['median_step_s'] * 1e3:.1f} ms, peak memory {b['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        f"  step time ratio bigtrain/HF: {result['step_time_ratio']:.3f} (per round {min(ratios):.3f}-{max(ratios):.3f}; < 1 means bigtrain is faster)",
+    ]
 
 
 if __name__ == "__main__":
