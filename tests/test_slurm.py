@@ -3,7 +3,8 @@
 The cluster (tests/slurm_cluster.sh: Debian's slurm-wlm + munge, one slurmctld and two slurmd
 daemons as nodes n1 and n2 on this machine) is started by a fixture and stopped afterwards; the
 packages are installed with apt-get when missing. Where that is impossible (not root, no apt-get)
-the cluster tests skip with the reason.
+the cluster tests skip with the reason, except under CI (the environment variable CI set), where
+they fail with it: a CI run must not stay green without them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -207,11 +207,20 @@ def test_cli_wiring(cli, tmp_path):
 # --------------------------------------------------------------------------- a real cluster
 
 
+def in_ci() -> bool:
+    """CI runs set CI (GitHub Actions, GitLab, ...: CI=true); "", "0" and "false" count as unset."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false")
+
+
 @pytest.fixture(scope="module")
 def cluster():
     r = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=1200)
     if r.returncode == 3:
-        pytest.skip(reason=r.stdout.strip().splitlines()[-1])
+        reason = (r.stdout.strip().splitlines() or [f"{CLUSTER_SCRIPT.name} start exited 3 without a reason"])[-1]
+        if in_ci():
+            # In CI a skip would leave the suite green without the cluster tests having run.
+            pytest.fail(f"CI={os.environ['CI']} is set, so the Slurm cluster tests may not skip: {reason}", pytrace=False)
+        pytest.skip(reason=reason)
     assert r.returncode == 0, r.stdout + r.stderr
     conf = r.stdout.strip().splitlines()[-1].split("=", 1)[1]
     previous = os.environ.get("SLURM_CONF")

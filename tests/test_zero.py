@@ -1,25 +1,26 @@
 """ZeRO stages, offload, activation checkpointing and precision change memory, not results.
 
-Every run: 2 ranks on gloo, the same model, data and seed, fp32 unless stated.
+Every run: 2 ranks on gloo, the same model, data and seed, fp32 unless stated. Equal losses alone
+would also hold if an option were silently ignored, so each run also records (helper
+train_and_gather.py, from the live engine) what really ran: the ZeRO optimizer wrapper, the
+optimizer DeepSpeed steps (DeepSpeedCPUAdam only when the optimizer is offloaded), the offload
+flags, the weights' dtype, and how often the first block's layers ran per training step.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from common import REPO, SMALL
+from ranks import launch_ranks
 
 pytestmark = pytest.mark.slow
 
-STEPS = 6
+STEPS = 4
 VARIANTS = {
     "zero0": ["deepspeed.zero_stage=0"],
     # Activation checkpointing rides on stage 1: matching stage 0's losses proves both at once.
@@ -30,14 +31,7 @@ VARIANTS = {
     "zero3_cpu_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu"],
     "zero2_bf16": ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"],
 }
-
-
-def launch(script: Path, args: list[str], cache_dir: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(BIGTRAIN_CACHE=str(cache_dir), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(29600 + os.getpid() % 300),
-           "--no_local_rank", str(script), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=900)
+WRAPPER = {0: "AdamW", 1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def runs(corpus, cache_dir, tmp_path_factory):
         args = [str(run / "live_weights.pt"), f"data.train_files={corpus}", *SMALL, f"train.max_steps={STEPS}", "train.log_every=1",
                 f"train.save_every={STEPS}", f"output_dir={run}", *extra]
         run.mkdir()
-        r = launch(REPO / "tests/helpers/train_and_gather.py", args, cache_dir)
+        r = launch_ranks([REPO / "tests/helpers/train_and_gather.py", *args], nproc=2, env_extra={"BIGTRAIN_CACHE": str(cache_dir)}, timeout=900)
         assert r.returncode == 0, (name, r.stderr[-3000:])
         out[name] = run
     return out
@@ -57,6 +51,10 @@ def runs(corpus, cache_dir, tmp_path_factory):
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def engine_facts(run: Path) -> dict:
+    return json.loads((run / "live_weights.engine.json").read_text())
 
 
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("zero0", "zero2_bf16")])
@@ -69,10 +67,50 @@ def test_same_losses_as_zero0(runs, name):
     assert state["zero_stage"] == int(name[4]) and state["world_size"] == 2
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_engine_really_ran_the_stage_and_offload(runs, name):
+    """What DeepSpeed built, read from the live engine: the stage's optimizer wrapper, and the CPU
+    Adam (with the wrapper's offload flags) exactly where offload was asked for."""
+    facts = engine_facts(runs[name])
+    stage = int(name[4])
+    assert facts["zero_stage"] == stage, facts
+    assert facts["optimizer_wrapper"] == WRAPPER[stage], facts
+    offload_optimizer = "cpu_offload" in name
+    offload_param = name == "zero3_cpu_offload"
+    if offload_optimizer:
+        assert (facts["optimizer"], facts["optimizer_module"]) == ("DeepSpeedCPUAdam", "deepspeed.ops.adam.cpu_adam"), facts
+    else:
+        assert (facts["optimizer"], facts["optimizer_module"]) == ("AdamW", "torch.optim.adamw"), facts
+    assert facts["engine_zero_cpu_offload"] is offload_optimizer, facts
+    if stage in (1, 2):
+        assert facts["wrapper_cpu_offload"] is offload_optimizer, facts
+    if stage == 3:
+        assert facts["wrapper_offload_optimizer"] is offload_optimizer, facts
+        assert facts["wrapper_offload_param"] is offload_param, facts
+        assert facts["param_offload_device"] == ("cpu" if offload_param else None), facts
+    assert facts["engine_offload_param_device"] == ("cpu" if offload_param else None), facts
+    bf16 = name.endswith("bf16")
+    assert facts["bf16"] is bf16 and facts["module_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32"), facts
+
+
+def test_activation_checkpointing_recomputes_every_block(runs):
+    """With activation checkpointing, the first block's layers run twice per training step (the
+    forward, then the recomputation in the backward); without it, once."""
+    ckpt, plain = engine_facts(runs["zero1_act_ckpt"]), engine_facts(runs["zero0"])
+    assert ckpt["gradient_checkpointing"] is True and plain["gradient_checkpointing"] is False
+    assert ckpt["inner"] == plain["inner"] == "transformer.h.0.ln_1", ckpt
+    assert plain["inner_forwards"] == STEPS, plain  # one micro-batch per step
+    assert ckpt["inner_forwards"] == 2 * STEPS, ckpt
+    for name in VARIANTS:
+        if name != "zero1_act_ckpt":
+            assert engine_facts(runs[name])["inner_forwards"] == STEPS, name
+
+
 def test_bf16_stays_close_to_fp32(runs):
     """Stated tolerance: every step's loss within 1% of fp32's (bf16 keeps fp32 master weights)."""
     ref, got = losses(runs["zero2"]), losses(runs["zero2_bf16"])
-    assert got != ref  # it really ran in bf16
+    assert len(got) == len(ref) == STEPS
+    assert got != ref  # it really ran in bf16 (and test_the_engine_really_ran... sees bf16 weights)
     for a, b in zip(got, ref):
         assert abs(a - b) <= 1e-2 * abs(b), (a, b)
 
