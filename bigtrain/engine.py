@@ -46,6 +46,19 @@ def setup_accelerator() -> bool:
 
 
 def free_port() -> int:
+    """A free TCP port for a rendezvous, below Linux's ephemeral range (32768-60999): a port the
+    kernel handed out would be free now but could go to any outgoing connection (gloo opens many)
+    before rank 0 listens on it."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

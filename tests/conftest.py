@@ -11,13 +11,28 @@ import pytest
 from common import REPO, STDLIB, run_cli  # noqa: E402,F401 - shared with the test modules
 
 
+def _job_alive(buffer: Path) -> bool:
+    """A DeepSpeed all-reduce buffer is named ..._{MASTER_ADDR}_{MASTER_PORT}_{LOCAL_RANK}; its job
+    lives while rank 0's rendezvous store still listens on that port."""
+    import socket
+
+    parts = buffer.name.rsplit("_", 3)
+    try:
+        with socket.create_connection((parts[1], int(parts[2])), timeout=0.2):
+            return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 @pytest.fixture(autouse=True)
 def _release_deepspeed_shm():
-    """DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM) outlive killed ranks: remove them after
-    every test (no rank of a finished test is still running), or the suite runs out of memory."""
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM) outlive killed ranks: after every test,
+    remove those whose job is gone, or the suite runs out of memory. (A job still running, e.g. in
+    another pytest-xdist worker, keeps its buffers.)"""
     yield
     for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        p.unlink(missing_ok=True)
+        if not _job_alive(p):
+            p.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

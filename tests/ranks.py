@@ -10,7 +10,6 @@ LOCAL_SIZE, CROSS_RANK, CROSS_SIZE, which DeepSpeed's CPU accelerator reads). Im
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,9 +19,9 @@ RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from bigtrain.engine import free_port as bigtrain_free_port  # below the ephemeral range: see there
+
+    return bigtrain_free_port()
 
 
 def launch_ranks(argv: list[str], nproc: int, env_extra: dict | None = None, timeout: float = 900,

@@ -49,11 +49,13 @@ def test_data_prepare_prints_cache_and_is_reused(cli, corpus):
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_pretrained_start(cli, corpus, tmp_path, cache_dir):
     """torchrun sets RANK/WORLD_SIZE; bigtrain picks them up. Then fine-tune from the export."""
+    from bigtrain.engine import free_port
+
     out = tmp_path / "tr"
     args = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=1", "train.max_steps=6", "train.log_every=1", f"output_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(BIGTRAIN_CACHE=str(cache_dir), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "bigtrain", "train", *args],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "bigtrain", "train", *args],
                        capture_output=True, text=True, cwd=tempfile.gettempdir(), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     state = json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
