@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bigtrain-installed
+# Test files run in parallel (pytest-xdist), each file whole on one worker so its shared runs are made once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test setup clean
 
@@ -16,7 +18,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q --durations=25 tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 clean:
 	rm -rf runs .pytest_cache

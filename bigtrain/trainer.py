@@ -226,10 +226,12 @@ class Trainer:
                 self.runner.phase("data")
                 outcome = self.after_step(self.train_step(micro_batches))
                 if outcome is not None:
+                    self.stop.close()
                     return outcome
             self.stop.close()
             return Outcome("completed", last_eval=self.last_eval)
-        except DivergedError as e:
+        except DivergedError as e:  # every rank: the fp16 loss scaler's state is the same on all
+            self.stop.close()
             return self._diverged(str(e))
         except RuntimeError as e:
             raise_if_rank_lost(e, self.step + 1, self.env.rank, self.env.world_size)
@@ -255,7 +257,6 @@ class Trainer:
         t, step = self.cfg.train, self.step
         stopping = self.stop.poll()  # every rank, every step (an asynchronous CPU collective)
         if any([cb.on_step_end(step) for cb in self.callbacks]):
-            self.stop.close()
             return Outcome("stopped", last_eval=self.last_eval)
         last = step == t.max_steps
         log_now, eval_now, save_now = step % t.log_every == 0 or last, step % t.eval_every == 0 or last, step % t.save_every == 0 or last
