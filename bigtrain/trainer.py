@@ -389,6 +389,18 @@ class Trainer:
         dist.barrier()
         return model_dir
 
+    def close(self) -> None:
+        """End the run in order on every rank: metrics closed, then the process group torn down
+        after a barrier. (Left to interpreter exit, gloo's threads could still be talking to a
+        rank that already exited, and the process aborted: "terminate called without an active
+        exception", seen after a preemption stop.)"""
+        import torch.distributed as dist
+
+        self.log.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def _export_and_plot(self) -> Path:
         from bigtrain.export import export
 
@@ -426,12 +438,10 @@ def run_trainer(trainer: Trainer) -> int:
         release_shm_buffers()
         os._exit(RANK_LOST_EXIT_CODE)
     if outcome.status == "diverged":
-        trainer.log.close()
         trainer.logger.info(f"error: {outcome.message}")
-        return outcome.exit_code
-    if outcome.status != "completed":
-        return outcome.exit_code
-    if "eval_ppl" in outcome.last_eval:
-        trainer.logger.info(f"final validation loss {outcome.last_eval['eval_loss']:.4f}, perplexity {outcome.last_eval['eval_ppl']:.2f}")
-    trainer.finish()
-    return 0
+    elif outcome.status == "completed":
+        if "eval_ppl" in outcome.last_eval:
+            trainer.logger.info(f"final validation loss {outcome.last_eval['eval_loss']:.4f}, perplexity {outcome.last_eval['eval_ppl']:.2f}")
+        trainer.finish()
+    trainer.close()
+    return outcome.exit_code
