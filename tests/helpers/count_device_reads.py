@@ -73,3 +73,4 @@ if trainer.env.rank == 0:
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
 trainer.finish(sample=False)
+trainer.close()  # tear the process group down before exit (gloo can abort at interpreter exit otherwise)

@@ -89,3 +89,4 @@ if trainer.env.rank == 0:
     torch.save(weights, out)
     Path(out).with_suffix(".engine.json").write_text(json.dumps(evidence, indent=1) + "\n")
 trainer.finish(sample=False)
+trainer.close()  # tear the process group down before exit (gloo can abort at interpreter exit otherwise)
