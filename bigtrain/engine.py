@@ -101,6 +101,22 @@ def init_distributed(on_cpu: bool, timeout_minutes: float) -> None:
     if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
         distributed_c10d.default_pg_nccl_timeout = timeout
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=timeout)
+    # Whatever way the process ends, tear the groups down while the interpreter is still whole:
+    # gloo's worker threads can hold async work whose destruction at interpreter exit aborts
+    # the process (SIGABRT, "terminate called without an active exception").
+    import atexit
+
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
 
 
 def template_name(stage: int, offload_optimizer: str, offload_param: str) -> str:
