@@ -226,12 +226,9 @@ class Trainer:
                 self.runner.phase("data")
                 outcome = self.after_step(self.train_step(micro_batches))
                 if outcome is not None:
-                    self.stop.close()
                     return outcome
-            self.stop.close()
             return Outcome("completed", last_eval=self.last_eval)
         except DivergedError as e:  # every rank: the fp16 loss scaler's state is the same on all
-            self.stop.close()
             return self._diverged(str(e))
         except RuntimeError as e:
             raise_if_rank_lost(e, self.step + 1, self.env.rank, self.env.world_size)
@@ -255,7 +252,7 @@ class Trainer:
     def after_step(self, result: StepResult) -> Optional[Outcome]:
         """Logging, evaluation, checkpoints and stopping: the only place that reads the device."""
         t, step = self.cfg.train, self.step
-        stopping = self.stop.poll()  # every rank, every step (an asynchronous CPU collective)
+        stopping = self.stop.poll()  # every rank, every step (a CPU collective: no device wait)
         if any([cb.on_step_end(step) for cb in self.callbacks]):
             return Outcome("stopped", last_eval=self.last_eval)
         last = step == t.max_steps
