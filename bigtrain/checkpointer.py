@@ -81,4 +81,9 @@ class Checkpointer:
         return self.root, None
 
     def latest(self) -> Optional[Path]:
-        return ckpt_io.latest_checkpoint(self.root)
+        """The newest whole checkpoint, for a message: files and sizes checked, not re-hashed
+        (every rank may ask, and hashing a large checkpoint takes minutes)."""
+        for ckpt in reversed(ckpt_io.list_checkpoints(self.root)):
+            if ckpt_io.check_checkpoint(ckpt, checksums=False) is None:
+                return ckpt
+        return None

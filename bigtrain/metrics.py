@@ -1,5 +1,6 @@
 """What a run tells: log lines, metrics.jsonl (one JSON object per line), TensorBoard, a progress
-bar and a loss-curve PNG, all from rank 0, all through one object (`RunLog`).
+bar and a loss-curve PNG, all from rank 0: records and the bar through `RunLog`, log lines through
+the logger `setup_logging` configures.
 
 Log lines go through the standard `logging` module (logger "bigtrain"): rank 0 shows INFO and
 above, the other ranks only warnings and errors, prefixed with their rank. While the progress bar
@@ -51,16 +52,12 @@ def setup_logging(rank: int) -> logging.Logger:
 
 
 class RunLog:
-    """Rank 0's metrics.jsonl + TensorBoard, the progress bar, and the log lines of every rank."""
+    """Rank 0's metrics.jsonl + TensorBoard and the progress bar (log lines: `setup_logging`)."""
 
     def __init__(self, output_dir: Path, rank: int, resume_step: Optional[int] = None) -> None:
         self.rank = rank
-        self.log = setup_logging(rank)
         self.writer = MetricsWriter(output_dir, rank == 0, resume_step=resume_step)
         self.bar = None
-
-    def info(self, message: str) -> None:
-        self.log.info(message)
 
     def record(self, record: dict) -> None:
         self.writer.write(record)

@@ -53,10 +53,9 @@ class Callback:
 class DeviceSkip:
     """fp32 at ZeRO-0: skip a non-finite step on the device through fused AdamW's `found_inf`."""
 
-    def __init__(self, engine, optimizer, device) -> None:
+    def __init__(self, optimizer, device) -> None:
         import torch
 
-        self.engine = engine
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.found_inf = torch.zeros((), device=device)
         self.grad_norm = None  # the last step's gradient norm (before clipping), on the device
@@ -71,7 +70,7 @@ class DeviceSkip:
         fused = isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) and bool(opt.defaults.get("fused"))
         if engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled() or not fused:
             return None
-        return cls(engine, opt, device)
+        return cls(opt, device)
 
     def check(self) -> None:
         """After the boundary's backward (gradients already all-reduced): the gradient norm
@@ -162,9 +161,9 @@ class HealthGuard:
     """The non-finite policy, the fp16 loss-scale watch, and the check that no non-finite step
     was applied. Step results wait on the device until `resolve` reads them all at once."""
 
-    def __init__(self, rank: int, world_size: int, on_nonfinite: str, max_in_row: int, sample_ids: Callable[[int], list],
+    def __init__(self, world_size: int, on_nonfinite: str, max_in_row: int, sample_ids: Callable[[int], list],
                  loss_scale_watch: Optional[LossScaleWatch] = None) -> None:
-        self.rank, self.world_size = rank, world_size
+        self.world_size = world_size
         self.on_nonfinite, self.max_in_row = on_nonfinite, max_in_row
         self.sample_ids = sample_ids
         self.loss_scale_watch = loss_scale_watch

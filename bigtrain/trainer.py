@@ -126,7 +126,7 @@ class Trainer:
             self._restore(trust_checkpoint)
         self.runner = StepRunner(self.engine, self.device, self.callbacks)
         watch = LossScaleWatch.for_engine(self.engine, self.ds_config) if self.precision == "fp16" else None
-        self.guard = HealthGuard(self.env.rank, self.env.world_size, cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps,
+        self.guard = HealthGuard(self.env.world_size, cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps,
                                  self.schedule.global_ids, watch)
         self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None)
         self.stop = StopSignal(self.env.world_size, self.on_cpu)
