@@ -6,6 +6,7 @@ Bad input anywhere below ends as one line `error: ...` on stderr and exit code 2
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -92,8 +93,24 @@ def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     """`data prepare` and `tokenizer train`."""
     d = sub.add_parser("data", help="data tools")
     dsub = d.add_subparsers(dest="data_verb", metavar="VERB", parser_class=_Parser)
-    dp = dsub.add_parser("prepare", help="tokenize and pack ahead of training (cached; ranks then load it at once)")
+    dp = dsub.add_parser("prepare", help="tokenize every source into token shards with datatrove (locally or as a Slurm job array)",
+                         description="Tokenize data.sources (or data.train_files) into memory-mapped token shards; prints the directory. "
+                                     "A rerun after an interruption runs only the unfinished tasks. See docs/data.md.")
     dp.add_argument("args", nargs="*", metavar="CONFIG [key=value]")
+    dp.add_argument("--out", metavar="DIR", help="where to write (default: the cache, where training finds it)")
+    dp.add_argument("--workers", type=int, default=None, help="processes on this machine (default: data.num_proc, else all cores up to 8)")
+    dp.add_argument("--tasks", type=int, default=None, help="tasks per source (default: --workers; at most one per input file)")
+    dp.add_argument("--slurm", action="store_true", help="run the tasks as a Slurm job array instead of here")
+    dp.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    dp.add_argument("--nodes", type=int, default=None, help="Slurm: at most this many array tasks at once")
+    dp.add_argument("--cpus-per-task", type=int, default=1, help="Slurm: CPUs per task (tokenizer threads)")
+    dp.add_argument("--time", default="04:00:00", help="Slurm: time limit per task")
+    dp.add_argument("--wait", action="store_true", help="Slurm: wait for the jobs, then check them and write the manifest")
+    pl = dsub.add_parser("plan", help="per source: blocks, tokens, weight, and its samples and share in the first N steps (no training)")
+    pl.add_argument("args", nargs="*", metavar="CONFIG [key=value]")
+    pl.add_argument("--steps", type=int, required=True, help="training steps to plan")
+    pl.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (only for the global batch arithmetic)")
+    pl.add_argument("--json", action="store_true", help='print {"sources": {NAME: {blocks, tokens, weight, samples, share}}}')
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tok_verb", metavar="VERB", parser_class=_Parser)
@@ -154,15 +171,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.nproc < 1:
             raise UserError(f"--nproc must be >= 1, got {ns.nproc}")
         # Check everything that can be checked before starting ranks, and tokenize once here.
-        from bigtrain.data import prepare
         from bigtrain.engine import build_ds_config, setup_accelerator
+        from bigtrain.tasks import build_task
         from bigtrain.trainer import check_output_dir
 
         on_cpu = setup_accelerator()
         check_batch(cfg, ns.nproc, lambda key: where_of(cfg, key))
         check_output_dir(cfg, ns.overwrite, ns.resume)
         build_ds_config(cfg, ns.nproc, on_cpu)
-        prepare(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+        build_task(cfg).prepare(0, False, lambda *a: print(*a, file=sys.stderr, flush=True))
         argv = ["train", *ns.args]
         if ns.resume:
             argv += ["--resume", ns.resume]
@@ -234,18 +251,49 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
 def cmd_data_prepare(ns: argparse.Namespace) -> int:
     from bigtrain.config import load_config
-    from bigtrain.data import TokenBlocks, prepare
-    from bigtrain.engine import setup_accelerator
 
-    setup_accelerator()
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
-    prepared = prepare(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True))
-    meta = TokenBlocks(prepared.train_path).meta
-    print(f"tokenizer: {prepared.tokenizer_dir}")
-    print(f"train: {prepared.train_path} ({meta['examples']} examples, {meta['tokens']} tokens, {meta['documents']} documents)")
-    if prepared.valid_path:
-        print(f"valid: {prepared.valid_path}")
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if cfg.data.mode == "line_by_line" or cfg.task in ("classify", "token_classify"):
+        from bigtrain.data import prepare
+
+        prepared = prepare(cfg, log=log)  # line_by_line and labeled data keep their own (small) cache
+        print(prepared.train_path)
+        return 0
+    for flag, value in (("--workers", ns.workers), ("--tasks", ns.tasks), ("--nodes", ns.nodes), ("--cpus-per-task", ns.cpus_per_task)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    from bigtrain.prepare import SlurmOptions, prepare_dataset
+
+    slurm = SlurmOptions(ns.partition, ns.nodes, ns.cpus_per_task, ns.time, wait=ns.wait) if ns.slurm else None
+    out = prepare_dataset(cfg, Path(ns.out) if ns.out else None, ns.workers or cfg.data.num_proc, ns.tasks, slurm, log)
+    if out is not None:
+        print(out)
+    return 0
+
+
+def cmd_data_plan(ns: argparse.Namespace) -> int:
+    from bigtrain.config import check_batch, load_config
+    from bigtrain.corpus import ShardData, ensure_prepared
+
+    if ns.steps < 1 or ns.world_size < 1:
+        raise UserError(f"--steps and --world-size must be >= 1, got {ns.steps} and {ns.world_size}")
+    config, overrides = split_config_args(ns.args)
+    cfg = load_config(config, overrides)
+    if cfg.task not in ("clm", "mlm") or cfg.data.mode != "packed":
+        raise UserError("bigtrain data plan: mixtures are for packed clm and mlm data (task=clm|mlm, data.mode=packed)")
+    global_batch = check_batch(cfg, ns.world_size)
+    data = ShardData(cfg, ensure_prepared(cfg, log=lambda *a: print(*a, file=sys.stderr, flush=True)))
+    plan = data.schedule(global_batch, cfg.train.micro_batch_size, ns.world_size, 0, cfg.train.seed).plan(ns.steps)
+    for name, stream in zip(data.names, data.train.streams):
+        plan[name]["tokens"] = stream.n_tokens
+    if ns.json:
+        print(json.dumps({"sources": plan}, indent=1))
+        return 0
+    print(f"{'source':<20} {'blocks':>12} {'tokens':>15} {'weight':>8} {'samples':>12} {'share':>8}   ({ns.steps} steps x {global_batch} samples)")
+    for name, p in plan.items():
+        print(f"{name:<20} {p['blocks']:>12,} {p['tokens']:>15,} {p['weight']:>8.4f} {p['samples']:>12,} {p['share']:>8.4f}")
     return 0
 
 
@@ -309,9 +357,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
     if ns.verb == "predict":
         return cmd_predict(ns)
     if ns.verb == "data":
-        if ns.data_verb != "prepare":
-            raise UserError("bigtrain data: expected a verb: prepare (see 'bigtrain data --help')")
-        return cmd_data_prepare(ns)
+        if ns.data_verb not in ("prepare", "plan"):
+            raise UserError("bigtrain data: expected a verb: prepare or plan (see 'bigtrain data --help')")
+        return cmd_data_prepare(ns) if ns.data_verb == "prepare" else cmd_data_plan(ns)
     if ns.verb == "tokenizer":
         if ns.tok_verb != "train":
             raise UserError("bigtrain tokenizer: expected a verb: train (see 'bigtrain tokenizer --help')")

@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,17 @@ class DataConfig:
     whole_word_mask: bool = False
     # Worker processes for tokenization (None: all cores).
     num_proc: Optional[int] = None
+    # Weighted sources, a list of mappings {name, files, weight} (optional per source: text_field,
+    # sample_by); absent: data.train_files is the one source, named "train". See docs/data.md.
+    sources: Optional[Any] = None
+    # A directory written by `bigtrain data prepare`: training reads its token shards (clm, mlm).
+    prepared: Optional[str] = None
+    # Without data.prepared, training prepares up to this many bytes of input itself (into the
+    # cache); a larger corpus stops with the `bigtrain data prepare` command to run first.
+    auto_prepare_max_bytes: int = 1_000_000_000
+    # A tokenizer trained by bigtrain (no data.tokenizer) learns from a seeded sample of the
+    # training sources of about this many bytes, shared by weight.
+    tokenizer_sample_bytes: int = 200_000_000
     # Where tokenized, packed datasets are cached (None: $BIGTRAIN_CACHE or ~/.cache/bigtrain).
     cache_dir: Optional[str] = None
 
@@ -162,6 +174,11 @@ def _yaml_locations(text: str, path: str) -> dict[str, str]:
                 key = f"{prefix}{key_node.value}"
                 locations[key] = f"{path}:{key_node.start_mark.line + 1}"
                 walk(value_node, key + ".")
+        elif isinstance(node, yaml.SequenceNode):  # list items: 'data.sources[1].weight'
+            for i, item in enumerate(node.value):
+                key = f"{prefix.rstrip('.')}[{i}]"
+                locations[key] = f"{path}:{item.start_mark.line + 1}"
+                walk(item, key + ".")
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -459,6 +476,7 @@ def _path_values(cfg: Config) -> list[tuple[str, Any]]:
     if isinstance(cfg.deepspeed.config, str):
         out.append(("deepspeed.config", cfg.deepspeed.config))
     out += [("data.train_files", f) for f in d.train_files] + [("data.valid_files", f) for f in d.valid_files or []]
+    out.append(("data.prepared", d.prepared))
     return out
 
 
@@ -513,6 +531,9 @@ def _validate_data_numbers(cfg: Config, where_of) -> None:
         _check_range(d.num_proc, "data.num_proc", where_of, lo=1, hi=1024)
     if not d.train_files:
         raise UserError(f"{where_of('data.train_files')}: 'data.train_files' is empty: give at least one file, directory or glob")
+    _check_range(d.auto_prepare_max_bytes, "data.auto_prepare_max_bytes", where_of, lo=0, hi=1 << 60)
+    _check_range(d.tokenizer_sample_bytes, "data.tokenizer_sample_bytes", where_of, lo=1 << 10, hi=1 << 40)
+    source_specs(cfg, where_of)
 
 
 def _validate_train_numbers(cfg: Config, where_of) -> None:
@@ -618,6 +639,7 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
     cfg = _build(Config, raw, "", where_of)
     validate(cfg, where_of)
     cfg._where_of = where_of  # type: ignore[attr-defined]
+    cfg._args = ([path] if path else []) + list(overrides)  # type: ignore[attr-defined]  # to print a command that redoes this config
     return cfg
 
 
@@ -689,3 +711,71 @@ def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callab
     if p == "fp16" and on_cpu:
         raise UserError(f"{where('deepspeed.precision')}: deepspeed.precision=fp16 needs a GPU: DeepSpeed does not support fp16 on CPU (use bf16 or fp32)")
     return p
+
+
+# --------------------------------------------------------------------------- data sources
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One weighted training source: `data.sources[i]`, or data.train_files as the source "train"."""
+
+    name: str
+    files: tuple
+    weight: float
+    text_field: str
+    sample_by: str
+    key: str  # the config key that holds it, for messages
+
+
+SOURCE_KEYS = ("name", "files", "weight", "text_field", "sample_by")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def source_specs(cfg: Config, where_of=None) -> list[SourceSpec]:
+    """The training sources, checked once per Config (kept on it). Errors name the entry."""
+    cached = cfg.__dict__.get("_source_specs")
+    if cached is not None:
+        return cached
+    where_of = where_of or (lambda key: globals()["where_of"](cfg, key))
+    d = cfg.data
+    if d.sources is None:
+        specs = [SourceSpec("train", tuple(d.train_files), 1.0, d.text_field, d.sample_by, "data.train_files")]
+    else:
+        if not isinstance(d.sources, list) or not d.sources:
+            raise UserError(f"{where_of('data.sources')}: 'data.sources' must be a non-empty list of mappings {{name, files, weight}}, got {_show(d.sources)}")
+        specs = [_source_spec(cfg, i, entry, where_of) for i, entry in enumerate(d.sources)]
+        names = [s.name for s in specs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup:
+            raise UserError(f"{where_of('data.sources')}: source name '{dup}' appears more than once in data.sources")
+    cfg.__dict__["_source_specs"] = specs
+    return specs
+
+
+def _source_spec(cfg: Config, i: int, entry: Any, where_of) -> SourceSpec:
+    key = f"data.sources[{i}]"
+    where = where_of(key)
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: '{key}' must be a mapping {{name, files, weight}}, got {_show(entry)}")
+    unknown = [k for k in entry if k not in SOURCE_KEYS]
+    if unknown:
+        raise UserError(f"{where_of(f'{key}.{unknown[0]}')}: unknown key '{unknown[0]}' in {key} (known: {', '.join(SOURCE_KEYS)})")
+    for required in ("name", "files"):
+        if required not in entry:
+            raise UserError(f"{where}: {key} has no '{required}'")
+    name = entry["name"]
+    if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
+        raise UserError(f"{where_of(key + '.name')}: {key}.name must be 1-64 letters, digits, '_', '.' or '-' (it names a directory), got {_show(name)}")
+    files = _coerce(entry["files"], list, f"{key}.files", where_of(key + ".files"))
+    if not files:
+        raise UserError(f"{where_of(key + '.files')}: source '{name}': '{key}.files' is empty")
+    weight = as_number(entry.get("weight", 1.0))
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(float(weight)) or float(weight) <= 0:
+        raise UserError(f"{where_of(key + '.weight')}: source '{name}': weight must be a positive finite number, got {_show(entry.get('weight'))}")
+    text_field = entry.get("text_field", cfg.data.text_field)
+    sample_by = entry.get("sample_by", cfg.data.sample_by)
+    if not isinstance(text_field, str) or not text_field:
+        raise UserError(f"{where_of(key + '.text_field')}: source '{name}': text_field must be a non-empty string, got {_show(text_field)}")
+    _check_choice(sample_by, ("document", "paragraph", "line"), f"{key}.sample_by", where_of)
+    return SourceSpec(name, tuple(files), float(weight), text_field, sample_by, key)

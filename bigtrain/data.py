@@ -76,9 +76,15 @@ def _is_arrow_dir(p: Path) -> bool:
 
 
 def _kind(p: Path) -> Optional[str]:
-    ext = p.suffix.lower()
+    name = p.name.lower()
+    for compressed in (".gz", ".zst"):  # data.jsonl.gz, data.jsonl.zst
+        if name.endswith(compressed):
+            name = name[: -len(compressed)]
+    ext = os.path.splitext(name)[1]
     if ext in JSON_EXTENSIONS:
         return "json"
+    if ext == ".parquet":
+        return "parquet"
     if ext in TEXT_EXTENSIONS:
         return "text"
     return None

@@ -338,6 +338,31 @@ class Comm:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
 
+class LineData:
+    """data.mode=line_by_line: one padded example per non-empty line (bigtrain.data's cache)."""
+
+    def __init__(self, cfg, prepared) -> None:
+        from bigtrain.data import TokenBlocks, split_indices
+
+        self.tokenizer_dir = prepared.tokenizer_dir
+        self.train = TokenBlocks(prepared.train_path)
+        self.valid = TokenBlocks(prepared.valid_path) if prepared.valid_path else self.train
+        self.train_ids, self.valid_ids = split_indices(len(self.train), cfg.data.valid_fraction, cfg.train.seed, prepared.valid_path is not None)
+        if prepared.valid_path is not None:
+            self.valid_ids = np.arange(len(self.valid))
+
+    def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
+        from bigtrain.data import BatchSchedule
+
+        return BatchSchedule(self.train_ids, global_batch, micro_batch, world_size, rank, seed)
+
+    def describe(self) -> str:
+        return f"{len(self.train_ids)} training examples (one per line)"
+
+    def progress(self, position: int) -> dict:  # noqa: ARG002 - one source
+        return {}
+
+
 class LMTask:
     """clm and mlm: packed token blocks (bigtrain.data), evaluated by loss over validation blocks."""
 
@@ -351,30 +376,50 @@ class LMTask:
         self.segment_ids = False  # pass segment ids to the model (bigtrain_triton on packed clm)
 
     def prepare(self, rank: int, joined: bool, log: Callable) -> None:
-        """Rank 0 tokenizes and packs (cached) before the group exists, so bad data ends the job
-        before any collective; the other ranks load the cache after joining."""
-        from bigtrain.data import prepare
-
+        """Rank 0 makes sure the data is prepared (tokenizing it, in a child process, when small
+        enough) before the group exists, so bad data ends the job before any collective; the
+        other ranks learn where it is after joining."""
         if (rank == 0) != joined:
-            self.prepared = prepare(self.cfg, log=log if rank == 0 else (lambda *a: None))
+            if self.cfg.data.mode == "line_by_line":
+                from bigtrain.data import prepare
+
+                self.prepared = prepare(self.cfg, log=log if rank == 0 else (lambda *a: None))
+            else:
+                from bigtrain.corpus import ensure_prepared
+
+                self.prepared = ensure_prepared(self.cfg, log=log if rank == 0 else (lambda *a: None))
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.prepared.tokenizer_dir if self.cfg.data.mode == "line_by_line" else self.data.tokenizer_dir
+
+    def open(self) -> None:
+        """Open the prepared data (after `prepare`, before the tokenizer is loaded)."""
+        if self.cfg.data.mode == "line_by_line":
+            self.data = LineData(self.cfg, self.prepared)
+        else:
+            from bigtrain.corpus import ShardData
+
+            self.data = ShardData(self.cfg, self.prepared)
 
     def load(self, tokenizer) -> None:
-        from bigtrain.data import TokenBlocks, split_indices
-
-        self.tokenizer, p, cfg = tokenizer, self.prepared, self.cfg
-        self.train_blocks = TokenBlocks(p.train_path)
-        self.valid_blocks = TokenBlocks(p.valid_path) if p.valid_path else self.train_blocks
-        self.train_indices, self.valid_indices = split_indices(len(self.train_blocks), cfg.data.valid_fraction, cfg.train.seed, p.valid_path is not None)
-        if p.valid_path is not None:
-            self.valid_indices = split_indices(len(self.valid_blocks), 0, 0, True)[0]
+        self.tokenizer = tokenizer
+        self.train_blocks, self.valid_blocks, self.valid_indices = self.data.train, self.data.valid, self.data.valid_ids
         if self.name == "mlm":
-            self.masker = MLMMasker(tokenizer, cfg.data.mlm_probability, cfg.data.whole_word_mask, cfg.train.seed)
+            self.masker = MLMMasker(tokenizer, self.cfg.data.mlm_probability, self.cfg.data.whole_word_mask, self.cfg.train.seed)
+
+    def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
+        return self.data.schedule(global_batch, micro_batch, world_size, rank, seed)
 
     def configure(self, hf_config) -> None:
         pass
 
     def describe(self) -> str:
-        return f"{len(self.train_indices)} training blocks"
+        return self.data.describe()
+
+    def progress(self, position: int) -> dict:
+        """What metrics.jsonl records of the data at sample `position`: samples and epochs per source."""
+        return self.data.progress(position)
 
     def _model_batch(self, blocks, indices, mask_seed: int) -> dict:
         from bigtrain.data import to_model_batch
@@ -466,6 +511,21 @@ class LabeledTask:
 
     def describe(self) -> str:
         return f"{len(self.train_indices)} training examples, {len(self.label_names)} labels"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.prepared.tokenizer_dir
+
+    def open(self) -> None:
+        pass  # read whole by `prepare`
+
+    def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
+        from bigtrain.data import BatchSchedule
+
+        return BatchSchedule(self.train_indices, global_batch, micro_batch, world_size, rank, seed)
+
+    def progress(self, position: int) -> dict:  # noqa: ARG002 - one source
+        return {}
 
     def batch(self, indices, position: int) -> dict:  # noqa: ARG002 - no per-batch randomness
         return self.train_set.batch(indices)

@@ -34,7 +34,7 @@ from bigtrain import faults
 from bigtrain.checkpoint import BYTES_PER_PARAMETER, read_state, to_universal
 from bigtrain.checkpointer import Checkpointer
 from bigtrain.config import Config, dump_yaml, where_of
-from bigtrain.data import BatchSchedule, Prefetcher
+from bigtrain.data import Prefetcher
 from bigtrain.engine import LossScaleWatch, build_ds_config, dist_env, init_distributed, initialize, precision_of, release_shm_buffers, setup_accelerator
 from bigtrain.errors import UserError
 from bigtrain.metrics import RunLog, plot_loss_curve, setup_logging
@@ -120,7 +120,7 @@ class Trainer:
         self._join_group()
         self._build_model()
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay)
-        self.schedule = BatchSchedule(self.task.train_indices, self.global_batch, cfg.train.micro_batch_size, self.env.world_size, self.env.rank, cfg.train.seed)
+        self.schedule = self.task.schedule(self.global_batch, cfg.train.micro_batch_size, self.env.world_size, self.env.rank, cfg.train.seed)
         self.step, self.samples_seen = 0, 0
         if self.checkpointer.resume_from is not None:
             self._restore(trust_checkpoint)
@@ -179,7 +179,8 @@ class Trainer:
         self.task.prepare(self.env.rank, True, self.logger.info)
         from bigtrain.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(self.task.prepared.tokenizer_dir)
+        self.task.open()
+        self.tokenizer = load_tokenizer(self.task.tokenizer_dir)
         self.task.load(self.tokenizer)
 
     def _build_model(self) -> None:
@@ -217,6 +218,7 @@ class Trainer:
         self.watchdog = self.stop.watchdog = StepWatchdog(self.env.rank, t.watchdog_factor, t.watchdog_min_seconds).start()
         self._losses: list = []  # (step, loss) read back but not yet logged
         self._last_log = (time.perf_counter(), self.step)
+        self._epochs = self.task.progress(self.samples_seen).get("source_epochs", {})
         self.last_eval: dict = {}
         for cb in self.callbacks:
             cb.on_train_start()
@@ -315,16 +317,26 @@ class Trainer:
         tok_s = self.global_batch * self.cfg.data.seq_len * (self.step - since) / max(now - then, 1e-9)
         self._last_log = (now, self.step)
         extra = {"tokens_per_s": tok_s, "tokens": self.samples_seen * self.cfg.data.seq_len, **self._step_numbers()}
+        at = lambda step: self.task.progress(self.samples_seen - (self.step - step) * self.global_batch)  # noqa: E731
         if self.cfg.train.log_every == 1:
             for step, loss in self._losses:
-                self.log.record({"step": step, "loss": loss, "lr": lr, **extra})
+                self.log.record({"step": step, "loss": loss, "lr": lr, **extra, **at(step)})
         elif self._losses:
-            self.log.record({"step": self.step, "loss": sum(v for _, v in self._losses) / len(self._losses), "lr": lr, **extra})
+            self.log.record({"step": self.step, "loss": sum(v for _, v in self._losses) / len(self._losses), "lr": lr, **extra, **at(self.step)})
+        self._log_epochs()
         if self._losses:
             self.log.advance(loss=f"{self._losses[-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
         else:
             self.log.advance()
         self._losses = []
+
+    def _log_epochs(self) -> None:
+        """A line when a source of the mixture starts another epoch (a fresh permutation)."""
+        epochs = self.task.progress(self.samples_seen).get("source_epochs", {})
+        for name, epoch in epochs.items():
+            if epoch > self._epochs.get(name, epoch):
+                self.logger.info(f"source '{name}' started epoch {epoch} (a new order of its blocks) by step {self.step}")
+        self._epochs = epochs
 
     def _step_numbers(self) -> dict:
         """The last step's gradient norm (and loss scale in fp16), the skipped steps so far."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import tempfile
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -40,10 +41,11 @@ def test_data_prepare_prints_cache_and_is_reused(cli, corpus):
     args = ["data", "prepare", f"data.train_files={corpus}", "data.vocab_size=512", "data.seq_len=64"]
     r1 = cli(args)
     assert r1.returncode == 0, r1.stderr
-    assert "train:" in r1.stdout and "tokens" in r1.stdout
+    manifest = json.loads((Path(r1.stdout.strip()) / "manifest.json").read_text())
+    assert manifest["sources"]["train"]["tokens"] > 0 and manifest["dtype"] == "uint16"
     r2 = cli(args)
     assert r2.returncode == 0 and r2.stdout == r1.stdout
-    assert "tokenizing" not in r2.stderr
+    assert "tokenizing" not in r2.stderr and "already prepared" in r2.stderr
 
 
 @pytest.mark.slow

@@ -156,17 +156,18 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     """transformers' Trainer on the same model, data, batch, precision and DeepSpeed config."""
     from transformers import Trainer
 
-    from bigtrain.data import TokenBlocks, prepare, split_indices
+    from bigtrain.corpus import ShardData, ensure_prepared
     from bigtrain.engine import dist_env, setup_accelerator
     from bigtrain.tokenizer import load_tokenizer
 
     cfg = _bench_config(config_path, steps, warmup)
     on_cpu = setup_accelerator()
     env = dist_env()
-    prepared = prepare(cfg, log=lambda *a: None)
-    tok = load_tokenizer(prepared.tokenizer_dir)
-    blocks = TokenBlocks(prepared.train_path)
-    train_idx, _ = split_indices(len(blocks), cfg.data.valid_fraction, cfg.train.seed, prepared.valid_path is not None)
+    data = ShardData(cfg, ensure_prepared(cfg, log=lambda *a: None))
+    tok = load_tokenizer(data.tokenizer_dir)
+    blocks = data.train
+    held_out = set(data.valid_ids.tolist())
+    train_idx = [i for i in range(len(blocks)) if i not in held_out]
     ds_config, precision = _hf_ds_config(cfg, env.world_size, on_cpu)
     model = _hf_model(cfg, tok, on_cpu)
     n_params = sum(p.numel() for p in model.parameters())
@@ -227,7 +228,7 @@ def _hf_dataset(blocks, train_idx):
             return len(train_idx)
 
         def __getitem__(self, i: int) -> dict:
-            ids = torch.from_numpy(blocks.take(np.array([train_idx[i]]))["input_ids"][0].astype(np.int64))
+            ids = torch.from_numpy(blocks.take(np.array([train_idx[i]]))["input_ids"][0])
             return {"input_ids": ids, "labels": ids}
 
     return Blocks()
@@ -373,9 +374,9 @@ def _setup(ns: argparse.Namespace) -> tuple[Any, Path, Path, bool]:
     cfg.output_dir = str(workdir / "run")
     config_path = workdir / "config.yaml"
     config_path.write_text(dump_yaml(cfg))
-    from bigtrain.data import prepare
+    from bigtrain.tasks import build_task
 
-    prepare(cfg, log=lambda *a: print(*a, file=sys.stderr))  # tokenize once, outside the timings
+    build_task(cfg).prepare(0, False, lambda *a: print(*a, file=sys.stderr))  # tokenize once, outside the timings
     return cfg, config_path, workdir, on_cpu
 
 
