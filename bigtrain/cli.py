@@ -146,7 +146,7 @@ def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
     benches = (
         ("attention", "fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG"),
         ("checkpoint", "seconds per checkpoint save: per-rank hashing vs rank 0 hashing all vs no hashing, 2 ranks, ZeRO-2"),
-        ("data", "tokenize and pack N MB of the standard library: bigtrain vs transformers' run_clm recipe, tokens/s"),
+        ("data", "bigtrain data prepare vs transformers' run_clm recipe (tokens/s); --scale: peak RSS, bytes/token, workers, batch reads"),
         ("train", "training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside"),
     )
     for name, text in benches:

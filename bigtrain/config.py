@@ -631,7 +631,7 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
         while k:
             if k in locations:
                 return locations[k]
-            k = k.rpartition(".")[0]
+            k = k[: k.rindex("[")] if k.endswith("]") else k.rpartition(".")[0]  # data.sources[1] -> data.sources
         # A section that only an override (or YAML line) below it created: `x.y=1` -> 'x'.
         below = next((where for loc, where in locations.items() if loc.startswith(key + ".")), None)
         return below or path or "defaults"
@@ -748,7 +748,7 @@ def source_specs(cfg: Config, where_of=None) -> list[SourceSpec]:
         names = [s.name for s in specs]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
-            raise UserError(f"{where_of('data.sources')}: source name '{dup}' appears more than once in data.sources")
+            raise UserError(f"{where_of('data.sources')}: data.sources: source name '{dup}' appears more than once")
     cfg.__dict__["_source_specs"] = specs
     return specs
 
@@ -769,13 +769,13 @@ def _source_spec(cfg: Config, i: int, entry: Any, where_of) -> SourceSpec:
         raise UserError(f"{where_of(key + '.name')}: {key}.name must be 1-64 letters, digits, '_', '.' or '-' (it names a directory), got {_show(name)}")
     files = _coerce(entry["files"], list, f"{key}.files", where_of(key + ".files"))
     if not files:
-        raise UserError(f"{where_of(key + '.files')}: source '{name}': '{key}.files' is empty")
+        raise UserError(f"{where_of(key + '.files')}: {key}.files: source '{name}' has no files")
     weight = as_number(entry.get("weight", 1.0))
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(float(weight)) or float(weight) <= 0:
-        raise UserError(f"{where_of(key + '.weight')}: source '{name}': weight must be a positive finite number, got {_show(entry.get('weight'))}")
+        raise UserError(f"{where_of(key + '.weight')}: {key}.weight: source '{name}': a weight must be a positive finite number, got {_show(entry.get('weight'))}")
     text_field = entry.get("text_field", cfg.data.text_field)
     sample_by = entry.get("sample_by", cfg.data.sample_by)
     if not isinstance(text_field, str) or not text_field:
-        raise UserError(f"{where_of(key + '.text_field')}: source '{name}': text_field must be a non-empty string, got {_show(text_field)}")
+        raise UserError(f"{where_of(key + '.text_field')}: {key}.text_field: source '{name}': must be a non-empty string, got {_show(text_field)}")
     _check_choice(sample_by, ("document", "paragraph", "line"), f"{key}.sample_by", where_of)
     return SourceSpec(name, tuple(files), float(weight), text_field, sample_by, key)

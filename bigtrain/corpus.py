@@ -200,7 +200,7 @@ class ShardData:
         self.valid_fraction = cfg.data.valid_fraction
         self.train = ShardBlocks([self.ds.sources[n] for n in self.names], cfg.data.seq_len)
         self.valid = ShardBlocks([self.ds.valid], cfg.data.seq_len) if self.ds.valid is not None else self.train
-        self.tokenizer_dir = self.ds.tokenizer_dir
+        self.tokenizer_dir, self.vocab_size = self.ds.tokenizer_dir, self.ds.vocab_size
         # The hold-out blocks depend on the seed and the block counts only, not on the batch.
         self.valid_ids = np.arange(len(self.valid)) if self.ds.valid is not None else self.schedule(1, 1, 1, 0, self.seed).valid_ids()
 

@@ -5,6 +5,7 @@
   kill@S:R               SIGKILL rank R when step S starts
   hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
   nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike)
+  kill_in_prepare@T      SIGKILL the `bigtrain data prepare` process running task T, mid-task
 Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
 """
 
@@ -41,3 +42,9 @@ def at_step_start(step: int, rank: int) -> None:
 
 def nan_loss_steps() -> set[int]:
     return {int(s) for args in _faults().get("nan_loss", []) for s in args[0].split("+")}
+
+
+def in_prepare_task(task: int) -> None:
+    for args in _faults().get("kill_in_prepare", []):
+        if int(args[0]) == task:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -46,6 +46,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer, TokenizedFile
 
 from bigtrain.corpus import SMALL_CORPUS, SourceJob
+from bigtrain import faults
 from bigtrain.data import DOC_PIECE_CHARS, _cut_point
 from bigtrain.errors import UserError
 from bigtrain.shards import FORMAT, MANIFEST, tokenizer_hash
@@ -186,6 +187,7 @@ class WriteTokens(DocumentTokenizer):
                         continue  # a document with no tokens gets no EOS either, as before
                     out.write_bytes(np.concatenate(parts + [eos]).astype(dtype).tobytes())
                     documents += 1
+            faults.in_prepare_task(self._rank)  # tests: a task killed after writing part of its shard
         out.close()
         self.stat_update("tokens", value=len(out))
         self._summary = {"tokens": len(out), "documents": documents, "documents_with_text": with_text,
@@ -193,6 +195,7 @@ class WriteTokens(DocumentTokenizer):
         return out
 
     def run(self, data, rank: int = 0, world_size: int = 1):
+        self._rank = rank
         try:
             super().run(data, rank, world_size)
         except UserError as e:
@@ -305,8 +308,13 @@ def run_slurm(pipeline: list, tasks: int, opts: SlurmOptions, logging_dir: Path,
     each); returns the job id, or None when every task had finished."""
     from datatrove.executor import SlurmPipelineExecutor
 
+    class Executor(SlurmPipelineExecutor):
+        def get_sbatch_args(self, max_array: int = 1) -> dict:
+            # No partition given: leave the directive out (the cluster's default), not "None".
+            return {k: v for k, v in super().get_sbatch_args(max_array).items() if v is not None and v != "None"}
+
     activate = Path(sys.prefix) / "bin" / "activate"
-    executor = SlurmPipelineExecutor(
+    executor = Executor(
         pipeline=pipeline, tasks=tasks, time=opts.time, partition=opts.partition, cpus_per_task=opts.cpus_per_task,
         mem_per_cpu_gb=opts.mem_per_cpu_gb, workers=opts.nodes or -1, job_name=job_name, logging_dir=str(logging_dir),
         venv_path=str(activate) if activate.is_file() else None, qos="", max_array_size=MAX_ARRAY, mail_type="NONE",
@@ -483,7 +491,9 @@ def prepare_dataset(cfg, out: Optional[Path], workers: Optional[int] = None, tas
     tok_dir = provide_tokenizer(plan, jobs, out, log)
     eos_id, vocab, itemsize = _tokenizer_facts(tok_dir)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["RAYON_NUM_THREADS"] = str(max(1, (slurm.cpus_per_task if slurm else (os.cpu_count() or 1) // max(1, workers))))
+    # Tokenizer threads per process: the cores shared among the workers (a Slurm task: its CPUs),
+    # unless RAYON_NUM_THREADS is set (benchmarks set 1 to measure per-process scaling).
+    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (slurm.cpus_per_task if slurm else (os.cpu_count() or 1) // max(1, workers)))))
     names = {j.label: f"bigtrain-prepare-{plan_key(plan)[:8]}-{j.split}-{j.name}" for j in jobs}
     submitted = []
     if slurm:

@@ -412,7 +412,14 @@ class LMTask:
         return self.data.schedule(global_batch, micro_batch, world_size, rank, seed)
 
     def configure(self, hf_config) -> None:
-        pass
+        """Prepared token ids must fit the model's embedding (a prepared directory can come from
+        another tokenizer than a pretrained model's)."""
+        vocab = getattr(self.data, "vocab_size", None)
+        if vocab is not None and vocab > hf_config.vocab_size:
+            raise UserError(
+                f"{self.data.where}: the prepared data's tokenizer has {vocab} tokens but the model's embedding holds "
+                f"{hf_config.vocab_size} (model.config.vocab_size); prepare the data with the model's tokenizer"
+            )
 
     def describe(self) -> str:
         return self.data.describe()

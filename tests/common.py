@@ -33,3 +33,10 @@ def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | 
     return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())
 
 
+
+
+def mixture(corpus: Path, weights: tuple = (0.5, 0.3, 0.2)) -> str:
+    """A data.sources override: three sources cut from the test corpus (json, email, http+logging)."""
+    globs = ([f"{corpus}/json_*"], [f"{corpus}/email_*"], [f"{corpus}/http_*", f"{corpus}/logging_*"])
+    entries = [f"{{name: {n}, files: [{', '.join(g)}], weight: {w}}}" for n, g, w in zip(("json", "email", "weblog"), globs, weights)]
+    return "data.sources=[" + ", ".join(entries) + "]"

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from common import SMALL
+from common import SMALL, mixture
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,8 @@ def losses(run) -> dict[int, float]:
 
 
 def train(cli, corpus, out, stage: int, world: int, resume=None):
-    args = ["train", f"data.train_files={corpus}", *SMALL, *NO_DROPOUT, *LAYOUT[world], f"deepspeed.zero_stage={stage}",
+    # A 3-source mixture: the sample stream itself (which source, which block) must carry over.
+    args = ["train", mixture(corpus), *SMALL, *NO_DROPOUT, *LAYOUT[world], f"deepspeed.zero_stage={stage}",
             "train.max_steps=12", "train.save_every=6", "train.keep_last=5", "train.log_every=1", "train.eval_every=100", f"output_dir={out}"]
     if world > 1:
         args += ["--nproc", str(world)]

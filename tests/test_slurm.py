@@ -413,3 +413,25 @@ def test_time_limit_saves_before_the_kill(job_args, tmp_path):
     state = json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
     assert state["step"] == step and state["world_size"] == 2
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+
+
+def test_prepare_on_slurm_writes_the_shards_a_local_prepare_writes(job_args, cli, corpus, tmp_path):
+    """`bigtrain data prepare --slurm --wait` (a datatrove job array on the two nodes) and a local
+    prepare with the same task count write byte-identical shards and the same manifest entries."""
+    r = cli(["data", "prepare", *job_args])  # the cluster jobs' preparation: reuse its tokenizer
+    assert r.returncode == 0, r.stderr[-3000:]
+    common = ["data", "prepare", f"data.train_files={corpus}", f"data.tokenizer={Path(r.stdout.strip()) / 'tokenizer'}", "--tasks", "2"]
+    local, on_slurm = tmp_path / "local", tmp_path / "slurm"
+    r = cli([*common, "--workers", "1", "--out", str(local)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = cli([*common, "--out", str(on_slurm), "--slurm", "--wait", "--time", "00:10:00"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:] + "".join(p.read_text()[-2000:] for p in (on_slurm / "logs").rglob("*.out"))
+    assert r.stdout.strip() == str(on_slurm)
+    logs_dir = on_slurm / "logs" / "train" / "train"
+    assert "#SBATCH --array=0-1" in (logs_dir / "launch_script.slurm").read_text()  # one array task per datatrove task
+    assert sorted(p.name for p in (logs_dir / "completions").iterdir()) == ["00000", "00001"]
+    entries = [json.loads((d / "manifest.json").read_text())["sources"]["train"] for d in (local, on_slurm)]
+    assert entries[0]["files"] == entries[1]["files"] and len(entries[0]["files"]) == 2
+    for f in entries[0]["files"]:
+        for suffix in ("", ".index"):
+            assert (local / (f["path"] + suffix)).read_bytes() == (on_slurm / (f["path"] + suffix)).read_bytes()
