@@ -255,7 +255,9 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    if cfg.data.mode == "line_by_line" or cfg.task in ("classify", "token_classify"):
+    if cfg.task in ("classify", "token_classify"):
+        raise UserError(f"bigtrain data prepare: task={cfg.task} reads its labeled files at the start of training (they are small); nothing to prepare")
+    if cfg.data.mode == "line_by_line":
         from bigtrain.data import prepare
 
         prepared = prepare(cfg, log=log)  # line_by_line and labeled data keep their own (small) cache

@@ -160,13 +160,11 @@ def run_prepare_child(cfg, out: Path) -> None:
 
     from bigtrain.config import dump_yaml
 
-    args = getattr(cfg, "_args", None)
     with tempfile.TemporaryDirectory(prefix="bigtrain-prepare-") as tmp:
-        if not args:
-            config = Path(tmp) / "config.yaml"
-            config.write_text(dump_yaml(cfg))
-            args = [str(config)]
-        cmd = [sys.executable, "-m", "bigtrain", "data", "prepare", *args, "--out", str(out)]
+        # The config as it is now (callers such as `bigtrain eval` change it after loading).
+        config = Path(tmp) / "config.yaml"
+        config.write_text(dump_yaml(cfg))
+        cmd = [sys.executable, "-m", "bigtrain", "data", "prepare", str(config), "--out", str(out)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         error = None

@@ -1,19 +1,18 @@
-"""Data: find files, check them, tokenize with `datasets`, pack, cache, and feed ranks in order.
+"""Data: find files, the line-by-line cache, the batch schedule of one index set, prefetching.
 
-Path of a batch from disk to the model:
 1. `resolve_sources` turns `data.train_files` (files, directories, globs, "@stdlib", or a
-   `datasets` directory) into a list of `Source`s and checks each is readable UTF-8.
-2. `prepare` loads them with `datasets` (text or json builders, or `load_from_disk`),
-   tokenizes with a batched multi-process `map`, and either packs documents into seq_len
-   blocks (EOS after each document, plus a per-token document index `segment_ids` so attention
-   can be masked per document) or keeps one padded example per line (`line_by_line`).
-   The result is saved with `save_to_disk` under a key hashing the files' contents, the
-   tokenizer and the settings, so the next run (or every rank of a multi-node job) loads
-   it memory-mapped at once.
-3. `BatchSchedule` decides, from the seed alone, which blocks make up global batch number k:
-   a fresh permutation each epoch, cut into global batches, each split across data-parallel
-   ranks and micro-steps. The position is a count of samples, so resuming (at any world size
-   with the same global batch) continues exactly where the run stopped.
+   `datasets` directory) into a list of `Source`s. Packed clm/mlm data is then tokenized by
+   `bigtrain data prepare` (bigtrain/prepare.py, datatrove) into token shards that training
+   reads by memory map (bigtrain/shards.py, bigtrain/corpus.py, docs/data.md).
+2. `prepare` (data.mode=line_by_line only) loads the files with `datasets`, tokenizes with a
+   batched multi-process `map` and keeps one padded example per line, saved with `save_to_disk`
+   under a key hashing the files' contents, the tokenizer and the settings. `pack` is bigtrain's
+   classic in-memory packing, kept as the reference the shard reader is tested against.
+3. `BatchSchedule` decides, from the seed alone, which examples make up global batch number k
+   (line_by_line and labeled data; packed data uses bigtrain.mixture): a fresh permutation each
+   epoch, cut into global batches, each split across data-parallel ranks and micro-steps. The
+   position is a count of samples, so resuming (at any world size with the same global batch)
+   continues exactly where the run stopped.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from bigtrain.errors import UserError
-from bigtrain.tokenizer import separator_id
 
 CACHE_FORMAT = 2  # bump when the cached layout changes
 TEXT_EXTENSIONS = {".txt", ".text", ".md", ".py", ".rst", ".csv", ".tsv", ".c", ".h", ".js", ".html"}
@@ -477,16 +475,9 @@ def cache_key(content_hash: str, tokenizer_hash: str, cfg_data) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
-def tokenizer_hash(tok_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(tok_dir.iterdir()):
-        if f.is_file():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
 def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str, cache: Path, log=print) -> Path:
-    """Tokenize and pack `sources` unless a cached copy exists; returns the cache directory."""
+    """line_by_line: tokenize `sources` into one padded example per line unless a cached copy
+    exists; returns the cache directory. (Packed data goes through bigtrain.prepare.)"""
     import datasets
     import pyarrow as pa
 
@@ -502,15 +493,8 @@ def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str,
     tok_ds = tokenize(docs, tokenizer, cfg_data.num_proc)
     flat, lengths = _flat_tokens(tok_ds)
     seq = cfg_data.seq_len
-    if cfg_data.mode == "packed":
-        ids, segments = pack(flat, lengths, separator_id(tokenizer), seq)
-        table = pa.table({
-            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq),
-            "segment_ids": pa.FixedSizeListArray.from_arrays(pa.array(segments.reshape(-1)), seq),
-        })
-    else:
-        ids, lens = line_examples(flat, lengths, tokenizer.pad_token_id, seq)
-        table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq), "length": pa.array(lens)})
+    ids, lens = line_examples(flat, lengths, tokenizer.pad_token_id, seq)
+    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq), "length": pa.array(lens)})
     if len(ids) == 0:
         raise UserError(
             f"data.train_files: {int(lengths.sum())} tokens are too few for one block of data.seq_len={seq}; "
@@ -676,6 +660,8 @@ def prepare(cfg, log=print) -> PreparedData:
     from bigtrain.tokenizer import load_tokenizer, train_bpe, train_wordpiece
 
     d = cfg.data
+    if d.mode != "line_by_line":
+        raise ValueError("bigtrain.data.prepare is for data.mode=line_by_line; packed data goes through bigtrain.corpus.ensure_prepared")
     cache = cache_root(cfg)
     sources = resolve_sources(d.train_files, "data.train_files")
     content_hash, replaced = check_sources(sources, "data.train_files", d.on_decode_error, d.text_field, d.max_line_bytes)
@@ -701,6 +687,8 @@ def prepare(cfg, log=print) -> PreparedData:
                 log(f"training a byte-level BPE tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
                 train_bpe(texts, d.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
+    from bigtrain.shards import tokenizer_hash
+
     tok_hash = tokenizer_hash(tok_dir)
     train_path = build_blocks(sources, d, tokenizer, tok_hash, content_hash, cache, log)
     valid_path = build_blocks(valid_sources, d, tokenizer, tok_hash, valid_hash, cache, log) if valid_sources else None

@@ -108,13 +108,19 @@ def _labeled_evaluator(task: str, cfg, files: list, model, tokenizer, names: lis
 
 
 def _lm_evaluator(task: str, cfg, files: list, model_dir: str, tokenizer, log) -> tuple:
-    from bigtrain.data import TokenBlocks, prepare
+    from bigtrain.corpus import ShardData, ensure_prepared
 
     cfg.task = task
     cfg.data.tokenizer = str(model_dir)
-    cfg.data.train_files = list(files)
+    cfg.data.train_files, cfg.data.sources, cfg.data.prepared = list(files), None, None
     cfg.data.valid_files = None
-    blocks = TokenBlocks(prepare(cfg, log=log).train_path)
+    cfg.__dict__.pop("_source_specs", None)
+    if cfg.data.mode == "line_by_line":
+        from bigtrain.data import TokenBlocks, prepare
+
+        blocks = TokenBlocks(prepare(cfg, log=log).train_path)
+    else:
+        blocks = ShardData(cfg, ensure_prepared(cfg, log=log)).train
     n = min(len(blocks), cfg.train.eval_batches * cfg.train.micro_batch_size)
     evaluator = tasks.LMTask(cfg)
     evaluator.tokenizer, evaluator.valid_blocks, evaluator.valid_indices = tokenizer, blocks, np.arange(n)

@@ -63,31 +63,6 @@ def test_schedule_position_is_world_size_independent():
         assert (a == b).all()
 
 
-def test_prepare_packs_caches_and_keeps_all_tokens(corpus, cache_dir, tmp_path):
-    # seq_len 48 is used by no other test, so this test builds its own cache entry.
-    cfg = load_config(None, [f"data.train_files={corpus}", "data.vocab_size=512", "data.seq_len=48"])
-    logs = []
-    p1 = prepare(cfg, log=logs.append)
-    assert any("tokenizing" in m for m in logs)
-    blocks = TokenBlocks(p1.train_path)
-    meta = blocks.meta
-    assert len(blocks) == meta["tokens"] // 48
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(p1.tokenizer_dir))
-    # The first block decodes back to the start of the first document.
-    first = sorted(corpus.iterdir())[0].read_text()
-    text = tok.decode(blocks.take(np.array([0]))["input_ids"][0])
-    assert first.startswith(text[: len(text) // 2]) or text.split(tok.eos_token)[0] in first
-    # Second run: cache hit, nothing re-tokenized.
-    logs.clear()
-    p2 = prepare(cfg, log=logs.append)
-    assert p2.train_path == p1.train_path and not logs
-    # Changing seq_len changes the key.
-    cfg2 = load_config(None, [f"data.train_files={corpus}", "data.vocab_size=512", "data.seq_len=40"])
-    assert prepare(cfg2, log=logs.append).train_path != p1.train_path
-
-
 def test_line_by_line_pads_and_masks_loss(tmp_path, cache_dir):
     f = tmp_path / "lines.txt"
     lines = ["short line", "", "a much longer line " * 20, "   ", "third line here"] * 30
@@ -105,24 +80,27 @@ def test_line_by_line_pads_and_masks_loss(tmp_path, cache_dir):
         assert (batch["labels"][row, :n] == batch["input_ids"][row, :n]).all()
 
 
-def test_datasets_dir_and_jsonl_sources(tmp_path, cache_dir):
+def test_datasets_dir_parquet_and_jsonl_sources_give_the_same_stream(tmp_path):
+    """The same documents as a `datasets` directory, a Parquet file and JSON lines: prepared with
+    the same tokenizer, the same token stream and document ends."""
     import datasets
 
-    texts = [f"document number {i} says hello to the world " * 5 for i in range(200)]
+    from bigtrain.prepare import prepare_dataset
+    from bigtrain.shards import open_prepared
+
+    texts = [f"document number {i} says hello to the world " * 5 for i in range(200)] + [""]
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict({"body": texts}).to_parquet(str(tmp_path / "d.parquet"))
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join('{"text": "%s"}\n' % t for t in texts))
-    outs = []
-    for src in (tmp_path / "saved", jl):
-        cfg = load_config(None, [f"data.train_files={src}", "data.vocab_size=300", "data.seq_len=32", f"data.tokenizer={tmp_path / 'tok'}"] if outs else [f"data.train_files={src}", "data.vocab_size=300", "data.seq_len=32"])
-        p = prepare(cfg, log=lambda *a: None)
-        if not outs:
-            import shutil
-
-            shutil.copytree(p.tokenizer_dir, tmp_path / "tok")
-        outs.append(TokenBlocks(p.train_path))
-    # Same documents through two loaders and the same tokenizer: the same packed tokens.
-    a, b = outs
-    assert len(a) == len(b) > 0
-    idx = np.arange(len(a))
-    assert (a.take(idx)["input_ids"] == b.take(idx)["input_ids"]).all()
+    streams, tok = [], []
+    for src, field in ((tmp_path / "saved", "text"), (tmp_path / "d.parquet", "body"), (jl, "text")):
+        cfg = load_config(None, [f"data.train_files={src}", "data.vocab_size=300", f"data.text_field={field}", *tok])
+        out = prepare_dataset(cfg, tmp_path / f"out-{len(streams)}", workers=1, log=lambda *a: None)
+        tok = tok or [f"data.tokenizer={out / 'tokenizer'}"]
+        stream = open_prepared(out, "test").sources["train"]
+        streams.append((stream.read(0, stream.n_tokens), stream.ends_between(0, stream.n_tokens + 1)))
+    assert streams[0][0].size > 1000 and len(streams[0][1]) == 200  # the empty document is no document
+    for ids, ends in streams[1:]:
+        np.testing.assert_array_equal(ids, streams[0][0])
+        np.testing.assert_array_equal(ends, streams[0][1])

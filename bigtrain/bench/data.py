@@ -45,9 +45,9 @@ workers), with the tokenizer --tokenizer DIR or a byte-level BPE trained (untime
 - bytes on disk per token: the sizes of the token and index files the manifest lists, over the
   manifest's token count;
 - tokens/s: the manifest's tokens over the child's wall time, per worker count, and the speedup of
-  the most workers over the fewest. `bigtrain data prepare` sets RAYON_NUM_THREADS to
-  cores // workers, so with fewer workers than cores the tokenizer's batch encoding already uses
-  several threads (unless TOKENIZERS_PARALLELISM=false is set): the speedup is what a user gets;
+  the most workers over the fewest. The child runs with RAYON_NUM_THREADS=1 (one tokenizer
+  thread per worker process; `bigtrain data prepare` otherwise gives each worker cores // workers
+  threads), so the speedup measures how the preparation scales with processes;
 - for the largest size: the time of `ShardBlocks.take` on 64 random block ids of 2048 tokens (one
   global batch) from a warm page cache (every shard and index file read once first): median and
   p95 over --batches batches, in ms.
@@ -686,6 +686,7 @@ def _random_batches(out: Path, batches: int, seed: int = 0) -> dict[str, Any]:
 
 def _run_scale(args: argparse.Namespace, env: dict) -> int:
     """The scale mode: every size of --sizes, every worker count of --workers, then random batches."""
+    env = {**env, "RAYON_NUM_THREADS": "1"}  # one tokenizer thread per worker: process scaling
     work = _work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     tok_dir, tok_desc = _scale_tokenizer(args, work)
