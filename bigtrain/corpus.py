@@ -165,7 +165,7 @@ def run_prepare_child(cfg, out: Path) -> None:
         config = Path(tmp) / "config.yaml"
         config.write_text(dump_yaml(cfg))
         cmd = [sys.executable, "-m", "bigtrain", "data", "prepare", str(config), "--out", str(out)]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "BIGTRAIN_DATA_ONLY": "1"}
         child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         error = None
         for line in child.stderr:

@@ -491,6 +491,7 @@ def prepare_dataset(cfg, out: Optional[Path], workers: Optional[int] = None, tas
     tok_dir = provide_tokenizer(plan, jobs, out, log)
     eos_id, vocab, itemsize = _tokenizer_facts(tok_dir)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["BIGTRAIN_DATA_ONLY"] = "1"  # workers and Slurm tasks: no torch, no transformers (bigtrain/__init__.py)
     # Tokenizer threads per process: the cores shared among the workers (a Slurm task: its CPUs),
     # unless RAYON_NUM_THREADS is set (benchmarks set 1 to measure per-process scaling).
     os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (slurm.cpus_per_task if slurm else (os.cpu_count() or 1) // max(1, workers)))))
