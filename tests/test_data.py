@@ -81,7 +81,8 @@ def test_line_by_line_pads_and_masks_loss(tmp_path, cache_dir):
 
 
 def test_datasets_dir_parquet_and_jsonl_sources_give_the_same_stream(tmp_path):
-    """The same documents as a `datasets` directory, a Parquet file and JSON lines: prepared with
+    """The same documents as a `datasets` directory, a Parquet file and JSON lines (plain, gzip,
+    zstandard): prepared with
     the same tokenizer, the same token stream and document ends."""
     import datasets
 
@@ -93,8 +94,15 @@ def test_datasets_dir_parquet_and_jsonl_sources_give_the_same_stream(tmp_path):
     datasets.Dataset.from_dict({"body": texts}).to_parquet(str(tmp_path / "d.parquet"))
     jl = tmp_path / "d.jsonl"
     jl.write_text("".join('{"text": "%s"}\n' % t for t in texts))
+    import gzip
+
+    import zstandard
+
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(jl.read_bytes()))
+    (tmp_path / "d.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jl.read_bytes()))
     streams, tok = [], []
-    for src, field in ((tmp_path / "saved", "text"), (tmp_path / "d.parquet", "body"), (jl, "text")):
+    for src, field in ((tmp_path / "saved", "text"), (tmp_path / "d.parquet", "body"), (jl, "text"),
+                       (tmp_path / "d.jsonl.gz", "text"), (tmp_path / "d.jsonl.zst", "text")):
         cfg = load_config(None, [f"data.train_files={src}", "data.vocab_size=300", f"data.text_field={field}", *tok])
         out = prepare_dataset(cfg, tmp_path / f"out-{len(streams)}", workers=1, log=lambda *a: None)
         tok = tok or [f"data.tokenizer={out / 'tokenizer'}"]

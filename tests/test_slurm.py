@@ -383,7 +383,9 @@ def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", diagnose(log_dir, job)
     batch, tasks = logs(log_dir, job)
     assert "received USR1" in batch and f"requeueing job {job}" in batch and "attempt 1 on" in batch, batch
-    m = re.search(r"stopping at step (\d+) \(received SIGUSR1\)", tasks[f"attempt-0.{rank0}.log"])
+    # Rank 0 may see the stop flag from another rank first (the signal reaches the nodes' launchers
+    # one after the other): both mean the agreed stop.
+    m = re.search(r"stopping at step (\d+) \(received (?:SIGUSR1|a signal on another rank)\)", tasks[f"attempt-0.{rank0}.log"])
     assert m, tasks[f"attempt-0.{rank0}.log"][-3000:]
     stopped = int(m.group(1))
     assert 15 <= stopped < MAX_STEPS
