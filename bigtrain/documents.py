@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import codecs
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -51,7 +52,8 @@ def open_binary(path: Path) -> BinaryIO:
             import zstandard
         except ImportError:
             raise UserError(f"{path}: reading .zst files needs the zstandard package (pip install zstandard)") from None
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        # Buffered: the decompressing reader itself has no readline.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), buffer_size=1 << 20)
     return open(path, "rb")
 
 
