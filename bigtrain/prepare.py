@@ -29,6 +29,7 @@ guard its entry point with `if __name__ == "__main__":` (bigtrain's CLI does).
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import shutil
@@ -437,6 +438,8 @@ def _claim(out: Path, plan: dict) -> bool:
         old = json.loads(plan_file.read_text())
         if old != plan:
             differs = next((k for k in plan if old.get(k) != plan[k]), "?")
+            if differs == "tasks" and all(old.get(k) == plan[k] for k in plan if k != "tasks"):
+                raise UserError(f"--out: {out} was started with tasks per source {old['tasks']}: rerun with the same --tasks (and --workers) to continue it")
             raise UserError(
                 f"--out: {out} holds a preparation of other inputs or settings ('{differs}' differs from its plan.json); "
                 "use another directory, or remove that one"
@@ -490,25 +493,22 @@ def prepare_dataset(cfg, out: Optional[Path], workers: Optional[int] = None, tas
         return out
     tok_dir = provide_tokenizer(plan, jobs, out, log)
     eos_id, vocab, itemsize = _tokenizer_facts(tok_dir)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["BIGTRAIN_DATA_ONLY"] = "1"  # workers and Slurm tasks: no torch, no transformers (bigtrain/__init__.py)
-    # Tokenizer threads per process: the cores shared among the workers (a Slurm task: its CPUs),
-    # unless RAYON_NUM_THREADS is set (benchmarks set 1 to measure per-process scaling).
-    os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (slurm.cpus_per_task if slurm else (os.cpu_count() or 1) // max(1, workers)))))
     names = {j.label: f"bigtrain-prepare-{plan_key(plan)[:8]}-{j.split}-{j.name}" for j in jobs}
     submitted = []
     if slurm:
         running = [j for n in names.values() for j in slurm_jobs_running(n)]
         if running:
             raise UserError(f"Slurm jobs of this preparation are still queued or running ({', '.join(running)}); wait for them, or rerun with --wait")
-    for job in jobs:
-        pipeline = build_pipeline(job, out, counts[job.label], tok_dir / "tokenizer.json", eos_id, plan)
-        if slurm:
-            job_id = run_slurm(pipeline, counts[job.label], slurm, _logging_dir(out, job), names[job.label])
-            submitted += [job_id] if job_id else []
-        else:
-            log(f"tokenizing {job.label}: {len(job.files):,} file(s), {sum(b for _, _, b in job.files) / 1e6:,.1f} MB, {counts[job.label]} task(s) on {workers} worker(s) ...")
-            run_local(pipeline, counts[job.label], workers, _logging_dir(out, job))
+    with _task_environment(slurm.cpus_per_task if slurm else max(1, (os.cpu_count() or 1) // max(1, workers))):
+        for job in jobs:
+            pipeline = build_pipeline(job, out, counts[job.label], tok_dir / "tokenizer.json", eos_id, plan)
+            if slurm:
+                job_id = run_slurm(pipeline, counts[job.label], slurm, _logging_dir(out, job), names[job.label])
+                submitted += [job_id] if job_id else []
+            else:
+                log(f"tokenizing {job.label}: {len(job.files):,} file(s), {sum(b for _, _, b in job.files) / 1e6:,.1f} MB, "
+                    f"{counts[job.label]} task(s) on {workers} worker(s) ...")
+                run_local(pipeline, counts[job.label], workers, _logging_dir(out, job))
     if submitted and not slurm.wait:
         log(f"submitted Slurm job(s) {', '.join(submitted)}; when they finish, run the same command again to check them and write the manifest")
         return None
@@ -516,6 +516,25 @@ def prepare_dataset(cfg, out: Optional[Path], workers: Optional[int] = None, tas
         wait_for_slurm(list(names.values()), log)
     write_manifest(out, plan, jobs, counts, tok_dir, eos_id, vocab, itemsize, log)
     return out
+
+
+@contextlib.contextmanager
+def _task_environment(threads: int):
+    """The environment the tasks start with (forkserver workers and Slurm jobs inherit it), set
+    only while they are launched: offline, no torch/transformers in data-only processes
+    (bigtrain/__init__.py), and `threads` tokenizer threads per process unless RAYON_NUM_THREADS
+    is set already (benchmarks set 1 to measure scaling with processes)."""
+    wanted = {"HF_HUB_OFFLINE": "1", "BIGTRAIN_DATA_ONLY": "1", "RAYON_NUM_THREADS": os.environ.get("RAYON_NUM_THREADS", str(threads))}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _tokenizer_facts(tok_dir: Path) -> tuple[int, int, int]:
