@@ -125,6 +125,9 @@ class TrainConfig:
     # watchdog_factor x the median step time): the collective timeout then ends the job.
     watchdog_factor: float = 10.0
     watchdog_min_seconds: float = 120.0
+    # One run per output_dir (bigtrain/runlock.py): a lock held by a run on another host whose
+    # refresh is older than this is taken over (its run is gone). Same host: the pid decides.
+    lock_stale_seconds: float = 300.0
     # Print a short generated sample at the end (clm).
     sample_prompt: str = "def "
     sample_tokens: int = 48
@@ -555,6 +558,7 @@ def _validate_train_numbers(cfg: Config, where_of) -> None:
     _check_range(t.max_nonfinite_steps, "train.max_nonfinite_steps", where_of, lo=1, hi=1 << 20)
     _check_range(t.watchdog_factor, "train.watchdog_factor", where_of, lo=1.0, hi=1e6)
     _check_range(t.watchdog_min_seconds, "train.watchdog_min_seconds", where_of, lo=0.0, hi=1e7)
+    _check_range(t.lock_stale_seconds, "train.lock_stale_seconds", where_of, lo=1.0, hi=1e7)
     if t.global_batch_size is not None:
         _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
 

@@ -40,6 +40,7 @@ from bigtrain.errors import UserError
 from bigtrain.metrics import RunLog, plot_loss_curve, setup_logging
 from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
 from bigtrain.preemption import RANK_LOST_EXIT_CODE, StopSignal
+from bigtrain.runlock import RunLock
 from bigtrain.steps import Callback, DivergedError, HealthGuard, StepResult, StepRunner
 from bigtrain.tasks import Comm, Evaluation, build_task
 from bigtrain.watchdog import RankLost, StepWatchdog, raise_if_rank_lost
@@ -106,6 +107,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, overwrite: bool = False, trust_checkpoint: bool = False,
                  callbacks: Optional[list[Callback]] = None) -> None:
         self.cfg, self.callbacks = cfg, list(callbacks or [])
+        self.run_lock: Optional[RunLock] = None  # rank 0: this run owns output_dir
         self.on_cpu = setup_accelerator()
         self.env = dist_env()
         self.logger = setup_logging(self.env.rank)
@@ -147,6 +149,8 @@ class Trainer:
         overwritten); data that every rank must check is read before any collective."""
         if self.env.rank == 0:
             check_output_dir(self.cfg, overwrite, resume)
+            # Before choosing a checkpoint: another run on this directory could be pruning it.
+            self.run_lock = RunLock.acquire(self.output_dir, self.cfg.train.lock_stale_seconds, self.logger.info)
             chosen = self.checkpointer.choose(resume, log=self.logger.info)
             if chosen is not None and self._needs_universal(chosen):
                 self.logger.info(f"world size changed ({read_state(chosen)['world_size']} -> {self.env.world_size}): loading {chosen.name} as a universal checkpoint")
@@ -409,6 +413,8 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _export_and_plot(self) -> Path:
         from bigtrain.export import export
