@@ -44,6 +44,7 @@ else is refused unless the user passes `--trust-checkpoint`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -330,6 +331,50 @@ def _commit(tmp: Path, final: Path, files: dict[str, dict], verify: bool) -> Non
         shutil.rmtree(replaced, ignore_errors=True)
 
 
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (a full disk, an I/O error) on some rank; every rank
+    raises it alike, after the partial `.tmp-` directory was removed."""
+
+    def __init__(self, step: int, root: Path, reason: str) -> None:
+        super().__init__(f"could not write checkpoint step {step} to {root}: {reason}")
+        self.step, self.root, self.reason = step, root, reason
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError when its writer fails (a full disk shows as
+    "[enforce fail at inline_container.cc] ... unexpected pos" or "PytorchStreamWriter failed")."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(k in str(e) for k in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+def _reason(e: BaseException, root: Path) -> str:
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or free < (1 << 20):
+        return f"no space left on the device ({free / 1e6:.1f} MB free)"
+    return f"{getattr(e, 'strerror', None) or str(e).splitlines()[0]} ({free / 1e6:.1f} MB free)"
+
+
+def _write_agreed(engine, root: Path, tmp: Path, state: dict, rank: int, hf_config, tokenizer) -> Optional[str]:
+    """Write every rank's files; returns the first failure of any rank (the same on all ranks).
+
+    A rank that fails inside DeepSpeed's save still joins the barrier that closes it, so the
+    ranks that did not fail are not left waiting there; then all ranks exchange their outcome.
+    """
+    import torch.distributed as dist
+
+    error, joined = None, True
+    try:
+        _write(engine, root, tmp, state, rank, hf_config, tokenizer)
+    except BaseException as e:  # noqa: BLE001 - only write failures are handled; the rest re-raised
+        if not _is_write_failure(e):
+            raise
+        error, joined = f"rank {rank}: {_reason(e, root)}", getattr(e, "_after_deepspeed", False)
+    if not joined:
+        dist.barrier()  # DeepSpeed's closing barrier, which the failed save did not reach
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def _write(engine, root: Path, tmp: Path, state: dict, rank: int, hf_config, tokenizer) -> None:
     """Every rank's files of one checkpoint, into `tmp` (collective)."""
     import torch
@@ -341,6 +386,18 @@ def _write(engine, root: Path, tmp: Path, state: dict, rank: int, hf_config, tok
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state={"bigtrain": state}, save_latest=False)
+    try:
+        _write_own(tmp, state, rank, hf_config, tokenizer, torch)
+    except BaseException as e:
+        e._after_deepspeed = True  # type: ignore[attr-defined]
+        raise
+
+
+def _write_own(tmp: Path, state: dict, rank: int, hf_config, tokenizer, torch) -> None:
+    """bigtrain's own files of a checkpoint (after DeepSpeed's)."""
+    from bigtrain import faults
+
+    faults.maybe_enospc_in_save(state["step"], rank)
     torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         hf = tmp / "hf"
@@ -370,8 +427,12 @@ def save(engine, root: Path, state: dict, rank: int, hf_config, tokenizer, keep_
     tag = tag_for(state["step"])
     tmp, final = root / (TMP_PREFIX + tag), root / tag
     t0 = time.perf_counter()
-    _write(engine, root, tmp, state, rank, hf_config, tokenizer)
-    dist.barrier()  # every rank's files are written
+    failed = _write_agreed(engine, root, tmp, state, rank, hf_config, tokenizer)  # also: every rank's files are written
+    if failed is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointWriteError(state["step"], root, failed)
     t1 = time.perf_counter()
     if rank == 0:
         faults.maybe_kill_in_save(state["step"])

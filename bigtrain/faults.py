@@ -6,6 +6,8 @@
   hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
   nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike)
   kill_in_prepare@T      SIGKILL the `bigtrain data prepare` process running task T, mid-task
+  enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
+                         small file system can be mounted for the test)
 Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
 """
 
@@ -48,3 +50,11 @@ def in_prepare_task(task: int) -> None:
     for args in _faults().get("kill_in_prepare", []):
         if int(args[0]) == task:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_enospc_in_save(step: int, rank: int) -> None:
+    import errno
+
+    for args in _faults().get("enospc_in_save", []):
+        if int(args[0]) == step and int(args[1]) == rank:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

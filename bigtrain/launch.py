@@ -12,7 +12,8 @@ The parent's duties:
 - When a rank dies, the others get time to notice (their next collective fails and they exit with
   the lost-rank code, naming the rank) before they are stopped (`_wait_all`).
 - The exit code is the most telling one among the ranks: a bigtrain code (2 bad input, 3 diverged,
-  4 a rank lost, 75 preempted) before any other non-zero code, else 0.
+  4 a rank lost, 5 a checkpoint could not be written, 75 preempted) before any other non-zero
+  code, else 0.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bigtrain.engine import free_port, has_cuda
 TERM_AFTER = 10.0
 GRACE_SECONDS = 60.0
 # Exit codes that say what happened, most specific first.
-TELLING_CODES = (2, 4, 3, 75)
+TELLING_CODES = (2, 4, 5, 3, 75)
 
 
 def under_launcher() -> bool:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigtrain import faults
-from bigtrain.checkpoint import BYTES_PER_PARAMETER, read_state, to_universal
+from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, read_state, to_universal
 from bigtrain.checkpointer import Checkpointer
 from bigtrain.config import Config, dump_yaml, where_of
 from bigtrain.data import Prefetcher
@@ -54,19 +54,21 @@ PREEMPTED_EXIT_CODE = 75
 # Exit code of a run that diverged (fp16 loss scale at its floor, non-finite losses): not worth
 # requeueing as is.
 DIVERGED_EXIT_CODE = 3
+# A checkpoint could not be written (a full disk): the run ends, the last good checkpoint kept.
+SAVE_FAILED_EXIT_CODE = 5
 
 
 @dataclass
 class Outcome:
     """How `Trainer.train` ended."""
 
-    status: str  # "completed", "preempted", "diverged" or "stopped" (by a callback)
-    message: str = ""  # for diverged: the whole error sentence
+    status: str  # "completed", "preempted", "diverged", "save_failed" (a checkpoint could not be written) or "stopped" (by a callback)
+    message: str = ""  # for diverged and save_failed: the whole error sentence
     last_eval: dict = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return {"preempted": PREEMPTED_EXIT_CODE, "diverged": DIVERGED_EXIT_CODE}.get(self.status, 0)
+        return {"preempted": PREEMPTED_EXIT_CODE, "diverged": DIVERGED_EXIT_CODE, "save_failed": SAVE_FAILED_EXIT_CODE}.get(self.status, 0)
 
 
 def check_output_dir(cfg: Config, overwrite: bool, resume: Optional[str]) -> None:
@@ -236,6 +238,8 @@ class Trainer:
             return Outcome("completed", last_eval=self.last_eval)
         except DivergedError as e:  # every rank: the fp16 loss scaler's state is the same on all
             return self._diverged(str(e))
+        except CheckpointWriteError as e:  # every rank alike (checkpoint.save agrees on it)
+            return self._save_failed(e)
         except RuntimeError as e:
             raise_if_rank_lost(e, self.step + 1, self.env.rank, self.env.world_size)
             raise
@@ -308,6 +312,12 @@ class Trainer:
         last = self.checkpointer.latest()
         kept = f"the last good checkpoint is {last} (nothing was saved after it)" if last else "no checkpoint was written before it"
         return Outcome("diverged", f"training stopped: {why}; {kept}. Try deepspeed.precision=bf16 or a lower train.lr, then --resume auto.")
+
+    def _save_failed(self, e: CheckpointWriteError) -> Outcome:
+        self._flush_losses()  # metrics.jsonl keeps every step trained
+        last = self.checkpointer.latest()
+        kept = f"the last good checkpoint is step {read_state(last)['step']} ({last})" if last else "no checkpoint was written before it"
+        return Outcome("save_failed", f"{e}; {kept}. Free space, then continue with --resume auto")
 
     def _flush_losses(self) -> None:
         for step, loss in self._losses:
@@ -452,7 +462,7 @@ def run_trainer(trainer: Trainer) -> int:
         # The process group is broken: tearing it down could block on the lost peer.
         release_shm_buffers()
         os._exit(RANK_LOST_EXIT_CODE)
-    if outcome.status == "diverged":
+    if outcome.status in ("diverged", "save_failed"):
         trainer.logger.info(f"error: {outcome.message}")
     elif outcome.status == "completed":
         if "eval_ppl" in outcome.last_eval:

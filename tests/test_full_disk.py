@@ -1,0 +1,102 @@
+"""A full disk mid-save: the run ends on every rank with one sentence and exit code 5, the partial
+checkpoint removed, the last good one and metrics.jsonl intact; after space is freed,
+`--resume auto` continues with the straight run's losses.
+
+The single-rank case fills a real tmpfs (root mounts one); where that cannot be mounted it falls
+back to BIGTRAIN_FAULT=enospc_in_save and says so. The two-rank case injects ENOSPC on rank 1
+only, so the ranks must agree on a failure only one of them saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from common import SMALL
+
+pytestmark = pytest.mark.slow
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+
+def train(out: Path, corpus, cache_dir, extra: list[str], env_extra: dict | None = None, wait: bool = True):
+    args = [sys.executable, "-m", "bigtrain", "train", f"data.train_files={corpus}", *SMALL, "train.max_steps=10", "train.save_every=5",
+            "train.log_every=1", "train.eval_every=100", f"output_dir={out}", *extra]
+    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+
+
+def mount_tmpfs(where: Path, mb: int) -> bool:
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(where)], capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """Write zeros into `fs` until only about `leave` bytes are free."""
+    filler = fs / "filler"
+    with filler.open("wb") as f:
+        while (free := os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize) > leave:
+            f.write(b"\0" * min(1 << 20, free - leave))
+            f.flush()
+    return filler
+
+
+def check_failed_save(r, out: Path, reason: str) -> None:
+    assert r.returncode == 5, r.stderr[-3000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"error: could not write checkpoint step 10 to {out / 'checkpoints'}: {reason}"), last
+    assert f"the last good checkpoint is step 5 ({out / 'checkpoints' / 'step_00000005'}). Free space, then continue with --resume auto" in last
+    assert "Traceback" not in r.stderr
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_00000005"], ckpts  # no .tmp- left
+    assert sorted(losses(out)) == list(range(1, 11))  # every trained step is in metrics.jsonl
+
+
+def test_full_disk_mid_save_then_resume(tmp_path, corpus, cache_dir, record_property):
+    fs = tmp_path / "fs"
+    real = mount_tmpfs(fs, 48)
+    record_property("full_disk", "tmpfs" if real else "BIGTRAIN_FAULT=enospc_in_save")
+    print(f"full disk by: {'a 48 MB tmpfs' if real else 'fault injection (no tmpfs could be mounted)'}")
+    out = (fs if real else tmp_path) / "run"
+    try:
+        if real:
+            # Step 7 waits 8 s: time to fill the disk after the step-5 checkpoint.
+            p = train(out, corpus, cache_dir, [], {"BIGTRAIN_FAULT": "hang@7:0:8"}, wait=False)
+            deadline = time.monotonic() + 180
+            while not (out / "checkpoints" / "step_00000005").is_dir():
+                assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+                time.sleep(0.1)
+            filler = fill(fs, leave=256 << 10)
+            p.wait(timeout=300)
+            r = subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr.read())
+            check_failed_save(r, out, "rank 0: no space left on the device")
+            filler.unlink()
+        else:
+            r = train(out, corpus, cache_dir, [], {"BIGTRAIN_FAULT": "enospc_in_save@10:0"})
+            check_failed_save(r, out, "rank 0: no space left on the device")
+        straight = losses(out)
+        again = train(out, corpus, cache_dir, ["--resume", "auto"])
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"resumed from {out / 'checkpoints' / 'step_00000005'} at step 5" in again.stderr
+        resumed = losses(out)
+        assert all(resumed[s] == straight[s] for s in range(6, 11)), (resumed, straight)
+    finally:
+        if real:
+            subprocess.run(["umount", "-l", str(fs)], capture_output=True)
+
+
+def test_a_save_failing_on_one_rank_ends_every_rank(tmp_path, corpus, cache_dir):
+    out = tmp_path / "run"
+    r = train(out, corpus, cache_dir, ["deepspeed.zero_stage=2", "--nproc", "2"], {"BIGTRAIN_FAULT": "enospc_in_save@10:1"})
+    check_failed_save(r, out, "rank 1: no space left on the device")
