@@ -147,6 +147,7 @@ def _add_bench_verbs(sub: argparse._SubParsersAction) -> None:
         ("attention", "fused attention kernel vs torch SDPA: TFLOP/s table, JSON and PNG"),
         ("checkpoint", "seconds per checkpoint save: per-rank hashing vs rank 0 hashing all vs no hashing, 2 ranks, ZeRO-2"),
         ("data", "bigtrain data prepare vs transformers' run_clm recipe (tokens/s); --scale: peak RSS, bytes/token, workers, batch reads"),
+        ("soak", "leak check: RSS, file descriptors, threads and /dev/shm over a long multi-rank run with frequent saves"),
         ("train", "training tokens/s, step-time split, memory and MFU; --compare hf runs transformers' Trainer alongside"),
     )
     for name, text in benches:

@@ -31,6 +31,8 @@ def train(out: Path, corpus, cache_dir, extra: list[str], env_extra: dict | None
     args = [sys.executable, "-m", "bigtrain", "train", f"data.train_files={corpus}", *SMALL, "train.max_steps=10", "train.save_every=5",
             "train.log_every=1", "train.eval_every=100", f"output_dir={out}", *extra]
     env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # another test's leftovers
+        env.pop(var, None)
     if not wait:
         return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())

@@ -24,6 +24,8 @@ def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(cache_dir, corp
     args = [sys.executable, "-m", "bigtrain", "train", f"data.train_files={corpus}", *SMALL, "train.max_steps=100000",
             "train.save_every=5", "train.log_every=1", f"output_dir={out}"]
     env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # another test's leftovers
+        env.pop(var, None)
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
     try:
         deadline = time.monotonic() + 180
