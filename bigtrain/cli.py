@@ -189,9 +189,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.trust_checkpoint:
             argv.append("--trust-checkpoint")
         return relaunch(ns.nproc, argv)
+    from bigtrain.engine import leave
     from bigtrain.trainer import run_training
 
-    return run_training(cfg, ns.resume, ns.overwrite, ns.trust_checkpoint)
+    leave(run_training(cfg, ns.resume, ns.overwrite, ns.trust_checkpoint))
 
 
 def parse_size(text: str, what: str) -> int:

@@ -4,7 +4,8 @@
   kill_in_save@S         SIGKILL rank 0 after every rank wrote checkpoint S, before it is sealed
   kill@S:R               SIGKILL rank R when step S starts
   hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
-  nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike)
+  nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike);
+  nan_loss@S:R[:M]       ... on rank R only (and only its micro-batch M of the step)
   kill_in_prepare@T      SIGKILL the `bigtrain data prepare` process running task T, mid-task
   enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
                          small file system can be mounted for the test)
@@ -42,8 +43,22 @@ def at_step_start(step: int, rank: int) -> None:
             time.sleep(float(args[2]))
 
 
-def nan_loss_steps() -> set[int]:
-    return {int(s) for args in _faults().get("nan_loss", []) for s in args[0].split("+")}
+def nan_loss_steps() -> dict[int, tuple]:
+    """{step: (rank or None, micro-batch index or None)} of the nan_loss faults."""
+    out = {}
+    for args in _faults().get("nan_loss", []):
+        rank = int(args[1]) if len(args) > 1 else None
+        micro = int(args[2]) if len(args) > 2 else None
+        out.update({int(s): (rank, micro) for s in args[0].split("+")})
+    return out
+
+
+def nan_here(nan_steps: dict, step: int, rank: int, micro: int) -> bool:
+    """Is the loss of this micro-batch to be NaN (nan_loss@S, @S:R or @S:R:M)?"""
+    if step not in nan_steps:
+        return False
+    want_rank, want_micro = nan_steps[step]
+    return (want_rank is None or want_rank == rank) and (want_micro is None or want_micro == micro)
 
 
 def in_prepare_task(task: int) -> None:

@@ -122,9 +122,9 @@ class StepRunner:
         lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (a host float)
         total = torch.zeros((), device=self.device)
         try:
-            for batch in micro_batches:
+            for m, batch in enumerate(micro_batches):
                 loss = forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
-                if step in self.nan_steps:
+                if faults.nan_here(self.nan_steps, step, engine.global_rank, m):
                     loss = loss * float("nan")
                 self.phase("forward")
                 boundary = engine.is_gradient_accumulation_boundary()

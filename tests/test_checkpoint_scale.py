@@ -256,5 +256,23 @@ def test_bench_checkpoint_runs_every_mode_and_writes_json(cli, tmp_path):
     assert list(tmp_path.iterdir()) == [out]  # the checkpoints' directory is gone
 
 
+def test_pruning_keeps_the_best_checkpoint(tmp_path):
+    """keep_last=2 deletes older checkpoints, but never the one best.json points at."""
+    from bigtrain.checkpoint import prune, write_best
+
+    for step in range(1, 7):
+        (tmp_path / f"step_{step:08d}").mkdir()
+    write_best(tmp_path, {"tag": "step_00000002", "metric": "eval_loss", "value": 1.0, "step": 2})
+    prune(tmp_path, keep_last=2, upto=6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000002", "step_00000005", "step_00000006"]
+    write_best(tmp_path, {"tag": "step_00000006", "metric": "eval_loss", "value": 0.5, "step": 6})
+    (tmp_path / "step_00000007").mkdir()
+    prune(tmp_path, keep_last=2, upto=7)  # the former best is now an old checkpoint like any other
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step_00000006", "step_00000007"]
+
+
 if __name__ == "__main__":
-    sys.exit(worker(Path(sys.argv[1])))
+    from bigtrain.engine import leave
+
+    leave(worker(Path(sys.argv[1])))
+

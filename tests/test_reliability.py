@@ -148,3 +148,21 @@ def test_nonfinite_losses_are_skipped_named_and_stop_with_a_checkpoint(cli, corp
     assert "error: training stopped at step 2" in r.stderr and "train.on_nonfinite=stop" in r.stderr
     w1, w2 = module_weights(out2 / "checkpoints" / "step_00000001"), module_weights(out2 / "checkpoints" / "step_00000002")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_nonfinite_loss_on_one_rank_in_a_later_micro_batch_is_skipped_everywhere(cli, corpus, tmp_path):
+    """NaN on rank 1 only, in the second micro-batch of step 3 (grad_accum=2, ZeRO-2): every rank
+    skips the step (DeepSpeed's overflow check sees the reduced gradients), the report names rank 1
+    and the 16 samples of the global batch, and the weights after step 3 are step 2's."""
+    out = tmp_path / "one_rank"
+    args = ["train", f"data.train_files={corpus}", *SMALL, "train.max_steps=5", "train.save_every=1", "train.keep_last=20",
+            "train.log_every=1", "train.grad_accum=2", "deepspeed.zero_stage=2", f"output_dir={out}", "--nproc", "2"]
+    r = cli(args, env_extra={"BIGTRAIN_FAULT": "nan_loss@3:1:1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 3: the loss is non-finite on rank 1; the batch's sample ids: [" in r.stderr
+    skipped = [x for x in records(out) if x.get("skipped_step")]
+    assert [x["step"] for x in skipped] == [3] and len(set(skipped[0]["sample_ids"])) == 16
+    assert sorted(losses(out)) == [1, 2, 4, 5]
+    w2, w3, w4 = (module_weights(out / "checkpoints" / f"step_0000000{s}") for s in (2, 3, 4))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trains again

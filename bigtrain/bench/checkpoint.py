@@ -292,4 +292,6 @@ def run(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    from bigtrain.engine import leave
+
+    leave(worker_main(sys.argv[1:]))

@@ -406,7 +406,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     """`python -m bigtrain.bench.soak ...` (the options of `bigtrain bench soak`), or a rank: `--worker WORK`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"] and len(argv) == 2:
-        return worker_main(Path(argv[1]))
+        from bigtrain.engine import leave
+
+        leave(worker_main(Path(argv[1])))
     try:
         p = _Parser(prog="bigtrain bench soak")
         add_arguments(p)

@@ -437,4 +437,6 @@ def _compare_hf(result: dict, b: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.exit(worker_main(sys.argv[1:]))
+    from bigtrain.engine import leave
+
+    leave(worker_main(sys.argv[1:]))

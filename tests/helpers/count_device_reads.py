@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 import torch
 
 from bigtrain.config import load_config
+from bigtrain.engine import leave
 from bigtrain.steps import Callback
 from bigtrain.trainer import Trainer
 
@@ -74,3 +75,4 @@ if trainer.env.rank == 0:
         json.dump(result, f, indent=1)
 trainer.finish(sample=False)
 trainer.close()  # tear the process group down before exit (gloo can abort at interpreter exit otherwise)
+leave(0)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from bigtrain.config import load_config
+from bigtrain.engine import leave
 from bigtrain.trainer import Trainer
 
 ckpt, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -18,3 +19,5 @@ trainer.engine.eval()
 with torch.no_grad():
     logits = trainer.engine(input_ids=ids).logits
 torch.save({"input_ids": ids, "logits": logits.float()}, out)
+trainer.close()
+leave(0)

@@ -11,7 +11,7 @@ usage: fp16_scripted_overflows.py INIT_SCALE MIN_SCALE HYSTERESIS OVERFLOW_STEPS
 import sys
 
 from bigtrain.config import load_config
-from bigtrain.engine import LossScaleWatch
+from bigtrain.engine import LossScaleWatch, leave
 from bigtrain.errors import UserError
 from bigtrain.trainer import Trainer, run_trainer
 
@@ -37,4 +37,4 @@ def step_applied() -> bool:
 
 
 trainer.guard.loss_scale_watch = LossScaleWatch(lambda: scaler.cur_scale, step_applied, min_scale)
-sys.exit(run_trainer(trainer))
+leave(run_trainer(trainer))

@@ -24,6 +24,7 @@ import deepspeed
 import torch
 
 from bigtrain.config import load_config
+from bigtrain.engine import leave
 from bigtrain.trainer import Trainer
 
 out, overrides = sys.argv[1], sys.argv[2:]
@@ -90,3 +91,4 @@ if trainer.env.rank == 0:
     Path(out).with_suffix(".engine.json").write_text(json.dumps(evidence, indent=1) + "\n")
 trainer.finish(sample=False)
 trainer.close()  # tear the process group down before exit (gloo can abort at interpreter exit otherwise)
+leave(0)
