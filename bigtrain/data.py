@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import codecs
 import glob
 import hashlib
 import itertools
@@ -146,21 +145,6 @@ def _resolve_one(spec: str, key: str) -> list[Source]:
     return sources
 
 
-class _DecodeCounter:
-    """codecs error handler that replaces undecodable bytes and counts them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, err: UnicodeDecodeError):
-        self.count += err.end - err.start
-        return ("\ufffd", err.end)
-
-
-_counter = _DecodeCounter()
-codecs.register_error("bigtrain_count", _counter)
-
-
 def _check_line_lengths(raw: bytes, path: Path, limit: int) -> None:
     """Refuse a line (bytes between newlines) longer than `limit`, naming FILE:LINE.
 
@@ -212,9 +196,11 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
                 raise UserError(
                     f"{src.path}: not valid UTF-8 at byte offset {e.start} (set data.on_decode_error=replace to decode with replacement characters)"
                 ) from None
-            before = _counter.count
-            text = raw.decode("utf-8", errors="bigtrain_count")
-            replaced += _counter.count - before
+            from bigtrain.documents import REPLACED
+
+            before = REPLACED.count
+            text = raw.decode("utf-8", errors="bigtrain_replace_count")
+            replaced += REPLACED.count - before
         if src.kind == "json":
             # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 & co.,
             # which JSON strings may hold unescaped.
@@ -332,23 +318,28 @@ def _cut_point(text: str, start: int, end: int) -> int:
     return end
 
 
-def _encode_long(tokenizer, text: str, group: int = 4) -> np.ndarray:
-    """Token ids of one long document, encoded DOC_PIECE_CHARS at a time.
+def long_pieces(text: str, group: int = 4) -> Iterator[list[str]]:
+    """A long document in pieces of at most DOC_PIECE_CHARS characters, `group` pieces at a time.
 
     A fast tokenizer's output for one text holds offsets, tokens and more per token: ~100 bytes
     per character of input, so a whole 100 MB document would need ~10 GB at once. Pieces are cut
     at whitespace after a non-space character, where byte-level BPE and WordPiece pre-tokenizers
-    split anyway, so the ids are the same as for the whole text (a run of DOC_PIECE_CHARS
+    split anyway, so the ids of the pieces are those of the whole text (a run of DOC_PIECE_CHARS
     characters without any whitespace is cut where it must).
     """
-    parts, pieces, start = [], [], 0
+    pieces, start = [], 0
     while start < len(text):
         end = len(text) if len(text) - start <= DOC_PIECE_CHARS else _cut_point(text, start, start + DOC_PIECE_CHARS)
         pieces.append(text[start:end])
         start = end
         if len(pieces) == group or start >= len(text):
-            parts += [np.asarray(ids, np.int32) for ids in tokenizer(pieces, add_special_tokens=False)["input_ids"]]
+            yield pieces
             pieces = []
+
+
+def _encode_long(tokenizer, text: str) -> np.ndarray:
+    """Token ids of one long document with a transformers tokenizer, piece by piece (long_pieces)."""
+    parts = [np.asarray(ids, np.int32) for group in long_pieces(text) for ids in tokenizer(group, add_special_tokens=False)["input_ids"]]
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 

@@ -48,7 +48,7 @@ from datatrove.pipeline.tokens.tokenizer import DocumentTokenizer, TokenizedFile
 
 from bigtrain.corpus import SMALL_CORPUS, SourceJob
 from bigtrain import faults
-from bigtrain.data import DOC_PIECE_CHARS, _cut_point
+from bigtrain.data import DOC_PIECE_CHARS, long_pieces
 from bigtrain.errors import UserError
 from bigtrain.shards import FORMAT, MANIFEST, tokenizer_hash
 
@@ -125,24 +125,10 @@ class _CompactTokenizedFile(TokenizedFile):
             f.write(np.frombuffer(self.doc_ends, np.uint64).astype("<u8").tobytes())
 
 
-def encode_long(tokenizer, text: str, group: int = 4) -> list[np.ndarray]:
-    """Token ids of one long document, encoded DOC_PIECE_CHARS characters at a time.
-
-    A fast tokenizer's output for one text holds offsets, tokens and more per token: ~100 bytes
-    per character of input, so a whole 100 MB document would need ~10 GB at once. Pieces are cut
-    at whitespace after a non-space character, where byte-level BPE and WordPiece pre-tokenizers
-    split anyway, so the ids are the same as for the whole text (a run of DOC_PIECE_CHARS
-    characters without any whitespace is cut where it must).
-    """
-    parts, pieces, start = [], [], 0
-    while start < len(text):
-        end = len(text) if len(text) - start <= DOC_PIECE_CHARS else _cut_point(text, start, start + DOC_PIECE_CHARS)
-        pieces.append(text[start:end])
-        start = end
-        if len(pieces) == group or start >= len(text):
-            parts += [np.asarray(e.ids, np.int64) for e in tokenizer.encode_batch(pieces, add_special_tokens=False)]
-            pieces = []
-    return parts
+def encode_long(tokenizer, text: str) -> list[np.ndarray]:
+    """Token ids of one long document with a `tokenizers` tokenizer, piece by piece
+    (bigtrain.data.long_pieces: the same ids as the whole text, bounded memory)."""
+    return [np.asarray(e.ids, np.int64) for group in long_pieces(text) for e in tokenizer.encode_batch(group, add_special_tokens=False)]
 
 
 def _batches(docs, max_docs: int = BATCH_DOCS, max_chars: int = BATCH_CHARS):
