@@ -235,11 +235,14 @@ def leave(code: int):
     With the process group already destroyed and every file of ours closed, C++ destructors run
     at interpreter exit still aborted a rank now and then ("terminate called without an active
     exception", exit -6: about one test-suite run in three, in different tests, after the work had
-    ended correctly). Nothing of ours needs them: flush, release the /dev/shm buffers, and go.
+    ended correctly). Nothing of ours needs them: run the Python exit handlers (atexit: ours and a
+    caller's), flush, and go without the C++ teardown.
     """
+    import atexit
     import logging
 
     release_shm_buffers()
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
