@@ -204,20 +204,10 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
         if src.kind == "json":
             # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 & co.,
             # which JSON strings may hold unescaped.
+            from bigtrain.documents import json_text
+
             for lineno, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{src.path}:{lineno}: invalid JSON: {e.msg}") from None
-                except RecursionError:
-                    raise UserError(f"{src.path}:{lineno}: invalid JSON: nested too deeply") from None
-                if not isinstance(rec, dict) or text_field not in rec:
-                    raise UserError(f"{src.path}:{lineno}: JSON record has no '{text_field}' field (data.text_field)")
-                if not isinstance(rec[text_field], str):
-                    raise UserError(f"{src.path}:{lineno}: field '{text_field}' must be a string")
-                if rec[text_field].strip():
+                if line.strip() and json_text(line, src.path, lineno, text_field).strip():
                     any_text = True
         elif text.strip():
             any_text = True

@@ -136,19 +136,23 @@ def json_documents(path: Path, text_field: str, limit: int, on_decode_error: str
     with open_binary(path) as f:
         for lineno, offset, raw in iter_lines(f, path, limit):
             line = decode(raw, path, offset, on_decode_error)
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            except RecursionError:
-                raise UserError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
-            if not isinstance(rec, dict) or text_field not in rec:
-                raise UserError(f"{path}:{lineno}: JSON record has no '{text_field}' field (data.text_field)")
-            if not isinstance(rec[text_field], str):
-                raise UserError(f"{path}:{lineno}: field '{text_field}' must be a string")
-            yield rec[text_field]
+            if line.strip():
+                yield json_text(line, path, lineno, text_field)
+
+
+def json_text(line: str, path: Path, lineno: int, text_field: str) -> str:
+    """The `text_field` string of one JSON-lines record; errors name FILE:LINE."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
+    if not isinstance(rec, dict) or text_field not in rec:
+        raise UserError(f"{path}:{lineno}: JSON record has no '{text_field}' field (data.text_field)")
+    if not isinstance(rec[text_field], str):
+        raise UserError(f"{path}:{lineno}: field '{text_field}' must be a string")
+    return rec[text_field]
 
 
 def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
