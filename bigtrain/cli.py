@@ -50,7 +50,7 @@ def _add_train_verb(sub: argparse._SubParsersAction) -> None:
         epilog=_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML config and/or dotted overrides")
-    t.add_argument("--nproc", type=int, help="start N local ranks through the deepspeed launcher")
+    t.add_argument("--nproc", type=int, help="start N local ranks on this machine (SIGUSR1/SIGTERM reach every rank: save and stop)")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the latest checkpoint (auto) or from PATH")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     t.add_argument("--trust-checkpoint", action="store_true",

@@ -6,6 +6,8 @@
   hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
   nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike);
   nan_loss@S:R[:M]       ... on rank R only (and only its micro-batch M of the step)
+  nan_grad@S[+S2...][:R[:M]]  the same steps' gradients are NaN while their loss stays finite
+                         (loss + 0*sqrt(0*loss): value unchanged, d/dloss = NaN)
   kill_in_prepare@T      SIGKILL the `bigtrain data prepare` process running task T, mid-task
   enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
                          small file system can be mounted for the test)
@@ -43,10 +45,10 @@ def at_step_start(step: int, rank: int) -> None:
             time.sleep(float(args[2]))
 
 
-def nan_loss_steps() -> dict[int, tuple]:
-    """{step: (rank or None, micro-batch index or None)} of the nan_loss faults."""
+def nan_loss_steps(kind: str = "nan_loss") -> dict[int, tuple]:
+    """{step: (rank or None, micro-batch index or None)} of the nan_loss (or nan_grad) faults."""
     out = {}
-    for args in _faults().get("nan_loss", []):
+    for args in _faults().get(kind, []):
         rank = int(args[1]) if len(args) > 1 else None
         micro = int(args[2]) if len(args) > 2 else None
         out.update({int(s): (rank, micro) for s in args[0].split("+")})
@@ -54,7 +56,7 @@ def nan_loss_steps() -> dict[int, tuple]:
 
 
 def nan_here(nan_steps: dict, step: int, rank: int, micro: int) -> bool:
-    """Is the loss of this micro-batch to be NaN (nan_loss@S, @S:R or @S:R:M)?"""
+    """Does the fault hit this micro-batch (nan_loss@S, @S:R or @S:R:M; the same for nan_grad)?"""
     if step not in nan_steps:
         return False
     want_rank, want_micro = nan_steps[step]

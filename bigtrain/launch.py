@@ -65,6 +65,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
              for r in range(nproc)]
 
     def forward(signum, frame) -> None:  # noqa: ARG001
+        print(f"bigtrain: received {signal.Signals(signum).name}: asking every rank to finish its step, save and stop",
+              file=sys.stderr, flush=True)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGUSR1)

@@ -110,6 +110,7 @@ class StepRunner:
         self.engine, self.device, self.callbacks = engine, device, callbacks
         self.skip = DeviceSkip.attach(engine, device)
         self.nan_steps = faults.nan_loss_steps()
+        self.nan_grad_steps = faults.nan_loss_steps("nan_grad")
 
     def phase(self, name: str) -> None:
         for cb in self.callbacks:
@@ -126,6 +127,8 @@ class StepRunner:
                 loss = forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
                 if faults.nan_here(self.nan_steps, step, engine.global_rank, m):
                     loss = loss * float("nan")
+                if faults.nan_here(self.nan_grad_steps, step, engine.global_rank, m):
+                    loss = loss + 0.0 * torch.sqrt(0.0 * loss)  # the same value; its gradient is NaN
                 self.phase("forward")
                 boundary = engine.is_gradient_accumulation_boundary()
                 engine.backward(loss)

@@ -240,6 +240,32 @@ def test_bad_manifests_are_named_not_crashed_on(tmp_path):
         assert check_checkpoint(ckpt) == f"manifest.json is malformed ({why})"
     (ckpt / "manifest.json").write_text(json.dumps({"files": {"a": {"size": 1, "sha256": None}}}))
     assert check_checkpoint(ckpt) is None
+    (ckpt / "manifest.json").write_text('{"files": {"a": {"size": 1,')  # cut short mid-write
+    assert check_checkpoint(ckpt).startswith("manifest.json is unreadable (")
+    (ckpt / "manifest.json").write_text(json.dumps({"written_at": 1.0}))
+    assert check_checkpoint(ckpt) == "manifest.json is unreadable ('files')"
+    (ckpt / "manifest.json").unlink()
+    assert check_checkpoint(ckpt) == "no manifest.json (the save did not finish)"
+
+
+def test_resume_passes_over_checkpoints_with_a_missing_or_corrupt_manifest(saved, tmp_path):
+    """--resume auto: the newest checkpoint has no manifest, the next a corrupt one; both are named
+    with the reason and the oldest, whole one is chosen. Named explicitly, a bad one is an error."""
+    from bigtrain.checkpoint import choose_resume
+    from bigtrain.errors import UserError
+
+    out, _ = saved
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        shutil.copytree(out / "ckpts" / "step_00000001", root / f"step_{step:08d}")
+    (root / "step_00000003" / "manifest.json").unlink()
+    (root / "step_00000002" / "manifest.json").write_bytes(b"\x00" * 64)
+    log: list[str] = []
+    assert choose_resume("auto", root, log.append) == root / "step_00000001"
+    assert log[0] == f"checkpoint {root / 'step_00000003'} is damaged: no manifest.json (the save did not finish); skipping it"
+    assert log[1].startswith(f"checkpoint {root / 'step_00000002'} is damaged: manifest.json is unreadable (") and len(log) == 2
+    with pytest.raises(UserError, match="step_00000002 is damaged: manifest.json is unreadable"):
+        choose_resume(str(root / "step_00000002"), root, log.append)
 
 
 def test_bench_checkpoint_runs_every_mode_and_writes_json(cli, tmp_path):

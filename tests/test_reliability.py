@@ -102,6 +102,27 @@ def test_killed_rank_ends_the_job_naming_it_and_resume_finishes_the_same(cli, tw
     assert code == RANK_LOST_EXIT_CODE, (code, stderr[-3000:])
 
 
+def test_losing_rank_0_is_reported_by_rank_1_and_resume_takes_over_its_lock(cli, two_rank_reference, tmp_path):
+    """Rank 0 (the one holding the output directory's lock and writing metrics) is SIGKILLed: rank 1
+    names it, the job exits with the lost-rank code, the dead owner's lock is taken over on resume."""
+    args, reference = two_rank_reference
+    out = tmp_path / "run"
+    r = cli([*args, f"output_dir={out}"], env_extra={"BIGTRAIN_FAULT": "kill@5:0"}, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    lost = [line for line in lines if line.startswith("error: rank 1: lost rank 0")]
+    assert lost and "during step 5" in lost[0] and "step_00000004" in lost[0] and "--resume auto" in lost[0], r.stderr[-3000:]
+    assert r.returncode == RANK_LOST_EXIT_CODE, (r.returncode, r.stderr[-3000:])
+    from bigtrain.checkpoint import check_checkpoint
+
+    assert check_checkpoint(out / "checkpoints" / "step_00000004") is None
+    assert (out / ".bigtrain.lock.json").is_file()  # rank 0 died holding it
+    r2 = cli([*args, f"output_dir={out}", "--resume", "auto"])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "taking over" in r2.stderr and "at step 4" in r2.stderr, r2.stderr[-3000:]
+    got = losses(out)
+    assert [got[s] for s in (5, 6)] == [reference[s] for s in (5, 6)], (got, reference)
+
+
 def test_stuck_rank_gets_stacks_from_every_rank_and_a_bounded_exit(cli, two_rank_reference, tmp_path):
     args, _ = two_rank_reference
     out = tmp_path / "run"
@@ -123,14 +144,18 @@ def test_nonfinite_losses_are_skipped_named_and_stop_with_a_checkpoint(cli, corp
     out = tmp_path / "skip"
     args = ["train", f"data.train_files={corpus}", *SMALL, "train.max_steps=12", "train.save_every=1", "train.keep_last=20",
             "train.log_every=1", "train.max_nonfinite_steps=3"]
-    r = cli([*args, f"output_dir={out}"], env_extra={"BIGTRAIN_FAULT": "nan_loss@3+5+6+7"})
+    # Step 5: a finite loss whose gradients are NaN (ZeRO-0 fp32: bigtrain's own device-side check).
+    r = cli([*args, f"output_dir={out}"], env_extra={"BIGTRAIN_FAULT": "nan_loss@3+6+7,nan_grad@5"})
     assert r.returncode == 3, r.stderr[-3000:]
     err = r.stderr
     assert "step 3: the loss is non-finite on rank 0; the batch's sample ids: [" in err and "step skipped (1 in a row" in err
+    assert "step 5: the gradients are non-finite (the loss is finite on every rank); the batch's sample ids: [" in err
     stop = [line for line in err.splitlines() if line.startswith("error: training stopped at step 7")]
     assert stop and "3 non-finite steps in a row" in stop[0] and "step_00000007" in stop[0], err[-3000:]
     recs = records(out)
-    skipped = [x for x in recs if x.get("nonfinite_loss")]
+    assert [x["step"] for x in recs if x.get("nonfinite_loss")] == [3, 6, 7]
+    assert [x["step"] for x in recs if x.get("nonfinite_grad")] == [5]
+    skipped = [x for x in recs if x.get("skipped_step")]
     assert [x["step"] for x in skipped] == [3, 5, 6, 7]
     assert all(len(x["sample_ids"]) == 4 == len(set(x["sample_ids"])) for x in skipped)
     assert sorted(losses(out)) == [1, 2, 4]  # skipped steps have no loss; nothing after the stop
@@ -153,16 +178,20 @@ def test_nonfinite_losses_are_skipped_named_and_stop_with_a_checkpoint(cli, corp
 def test_nonfinite_loss_on_one_rank_in_a_later_micro_batch_is_skipped_everywhere(cli, corpus, tmp_path):
     """NaN on rank 1 only, in the second micro-batch of step 3 (grad_accum=2, ZeRO-2): every rank
     skips the step (DeepSpeed's overflow check sees the reduced gradients), the report names rank 1
-    and the 16 samples of the global batch, and the weights after step 3 are step 2's."""
+    and the 16 samples of the global batch, and the weights after step 3 are step 2's. Step 4:
+    rank 0's first micro-batch has a finite loss but NaN gradients: skipped too, reported as such."""
     out = tmp_path / "one_rank"
     args = ["train", f"data.train_files={corpus}", *SMALL, "train.max_steps=5", "train.save_every=1", "train.keep_last=20",
             "train.log_every=1", "train.grad_accum=2", "deepspeed.zero_stage=2", f"output_dir={out}", "--nproc", "2"]
-    r = cli(args, env_extra={"BIGTRAIN_FAULT": "nan_loss@3:1:1"})
+    r = cli(args, env_extra={"BIGTRAIN_FAULT": "nan_loss@3:1:1,nan_grad@4:0:0"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 3: the loss is non-finite on rank 1; the batch's sample ids: [" in r.stderr
-    skipped = [x for x in records(out) if x.get("skipped_step")]
-    assert [x["step"] for x in skipped] == [3] and len(set(skipped[0]["sample_ids"])) == 16
-    assert sorted(losses(out)) == [1, 2, 4, 5]
-    w2, w3, w4 = (module_weights(out / "checkpoints" / f"step_0000000{s}") for s in (2, 3, 4))
-    assert all(torch.equal(w2[k], w3[k]) for k in w2)
-    assert not all(torch.equal(w3[k], w4[k]) for k in w3)  # step 4 trains again
+    assert "step 4: the gradients are non-finite (the loss is finite on every rank)" in r.stderr
+    recs = records(out)
+    skipped = [x for x in recs if x.get("skipped_step")]
+    assert [x["step"] for x in skipped] == [3, 4] and all(len(set(x["sample_ids"])) == 16 for x in skipped)
+    assert [x["step"] for x in recs if x.get("nonfinite_grad")] == [4]
+    assert sorted(losses(out)) == [1, 2, 5]
+    w2, w3, w4, w5 = (module_weights(out / "checkpoints" / f"step_0000000{s}") for s in (2, 3, 4, 5))
+    assert all(torch.equal(w2[k], w3[k]) and torch.equal(w2[k], w4[k]) for k in w2)
+    assert not all(torch.equal(w4[k], w5[k]) for k in w4)  # step 5 trains again

@@ -140,6 +140,70 @@ def test_mlm_pretraining_loss_falls(cli, corpus, tmp_path):
     assert got["task"] == "mlm" and got["eval_loss"] < first - 1.0 and got["eval_accuracy"] >= 0.5 * p_max, (p_max, got)
 
 
+@pytest.fixture(scope="module")
+def mlm_straight(cli, corpus, tmp_path_factory):
+    """6 steps of MLM on 2 ranks without a break, checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("mlm_resume") / "straight"
+    args = ["train", "task=mlm", "model.preset=bert-tiny", f"data.train_files={corpus}", "data.vocab_size=1000", "data.seq_len=64",
+            "train.micro_batch_size=8", "train.max_steps=6", "train.lr=1e-3", "train.warmup_steps=2", "train.save_every=3",
+            "train.keep_last=5", "train.log_every=1", "train.progress=false", "train.sample_tokens=0", "--nproc", "2"]
+    r = cli([*args, f"output_dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, args
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {x["step"]: x["loss"] for x in records(run) if "loss" in x}
+
+
+def test_mlm_resumed_masks_exactly_as_the_straight_run(cli, mlm_straight, tmp_path):
+    """The masking is a function of each sample's position in the data order, not of an RNG stream
+    that a restart resets: steps 4-6 resumed from step 3's checkpoint give the straight run's
+    losses bit for bit (one masked token chosen differently would change them)."""
+    straight, args = mlm_straight
+    out = tmp_path / "resumed"
+    r = cli([*args, f"output_dir={out}", "--resume", str(straight / "checkpoints" / "step_00000003")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = step_losses(straight), step_losses(out)
+    assert sorted(got) == [4, 5, 6] and [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)], (got, want)
+
+
+def test_train_resume_refuses_a_code_running_pickle_unless_trusted(cli, mlm_straight, tmp_path):
+    """A checkpoint whose model-state pickle needs a class outside DeepSpeed's plain data (here the
+    harmless fractions.Fraction; a hostile one would run code on load): `train --resume` stops with
+    one error naming the file and the flag, and creates nothing; with --trust-checkpoint it loads and
+    continues exactly as the straight run."""
+    import fractions
+    import shutil
+    import time
+
+    from bigtrain import checkpoint
+
+    straight, args = mlm_straight
+    ckpt = tmp_path / "theirs" / "step_00000003"
+    shutil.copytree(straight / "checkpoints" / "step_00000003", ckpt)
+    states = ckpt / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)
+    state["provenance"] = fractions.Fraction(1, 3)
+    torch.save(state, states)
+    files = {str(p.relative_to(ckpt)): checkpoint._seal_file(p, True) for p in checkpoint._files(ckpt)}
+    (ckpt / "manifest.json").write_text(json.dumps({"files": files, "checksums": True, "written_at": time.time()}))
+    assert checkpoint.check_checkpoint(ckpt) is None  # whole by its manifest: only the pickle is unsafe
+
+    out = tmp_path / "resumed"
+    r = cli([*args, f"output_dir={out}", "--resume", str(ckpt)])
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--trust-checkpoint" in errors[0] and str(states) in errors[0] and "fractions.Fraction" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+    r = cli([*args, f"output_dir={out}", "--resume", str(ckpt), "--trust-checkpoint"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = step_losses(straight), step_losses(out)
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)], (got, want)
+
+
 # --------------------------------------------------------------------------- classify
 
 

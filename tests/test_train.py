@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -175,10 +176,9 @@ def test_default_job_runs_on_the_standard_library(cli, tmp_path):
     assert 1e6 <= n <= 10e6
 
 
-def test_sigusr1_saves_exits_75_and_resume_auto_matches(zero2_run, cli, cache_dir, tmp_path):
-    """Preemption: SIGUSR1 to `bigtrain train --nproc 2` -> every rank finishes its step, saves,
-    exits with code 75; `--resume auto` then repeats the uninterrupted run's losses exactly."""
-    import signal
+def preempt(zero2_run, cache_dir, tmp_path, sig) -> tuple:
+    """Start the zero2 run's job under `bigtrain train --nproc 2`, send `sig` to the launcher once 4
+    steps are logged; returns (output_dir, args, the step it stopped and saved at, its log)."""
     import time
 
     out, args, _ = zero2_run
@@ -186,24 +186,50 @@ def test_sigusr1_saves_exits_75_and_resume_auto_matches(zero2_run, cli, cache_di
     args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["BIGTRAIN_CACHE"] = str(cache_dir)
-    log = open(tmp_path / "log.txt", "w")
-    p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2"], env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=log)
-    deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None:
-        if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 4:
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
-    p.send_signal(signal.SIGUSR1)
-    assert p.wait(timeout=300) == 75, (tmp_path / "log.txt").read_text()[-3000:]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2"], env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=log)
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:
+            if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 4:
+                break
+            time.sleep(0.2)
+        assert p.poll() is None, log_path.read_text()[-3000:]
+        p.send_signal(sig)
+        assert p.wait(timeout=300) == 75, log_path.read_text()[-3000:]
     saved = sorted(int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_"))
     stopped_at = saved[-1]
     assert 4 <= stopped_at < 30
     assert json.loads((run / "checkpoints" / f"step_{stopped_at:08d}" / "trainer_state.json").read_text())["samples_seen"] == stopped_at * 8
     assert not (run / "model").exists()  # no export from an interrupted run
+    return run, args, stopped_at, log_path.read_text()
+
+
+def test_sigusr1_saves_exits_75_and_resume_auto_matches(zero2_run, cli, cache_dir, tmp_path):
+    """Preemption: SIGUSR1 to `bigtrain train --nproc 2` -> every rank finishes its step, saves,
+    exits with code 75; `--resume auto` then repeats the uninterrupted run's losses exactly."""
+    import signal
+
+    run, args, _, _ = preempt(zero2_run, cache_dir, tmp_path, signal.SIGUSR1)
     r = cli([*args, "--nproc", "2", "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
-    straight, resumed = train_losses(out), train_losses(run)
+    straight, resumed = train_losses(zero2_run[0]), train_losses(run)
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+
+def test_sigterm_to_the_launcher_reaches_every_rank_as_a_preemption(zero2_run, cache_dir, tmp_path):
+    """SIGTERM (what `kill`, systemd and most schedulers send) to `bigtrain train --nproc 2` is
+    forwarded to both ranks: they save at the same step and the job exits 75, not killed mid-step.
+    (Resuming from such a checkpoint is the SIGUSR1 test's.)"""
+    import signal
+
+    run, _, stopped_at, log = preempt(zero2_run, cache_dir, tmp_path, signal.SIGTERM)
+    assert "bigtrain: received SIGTERM: asking every rank to finish its step, save and stop" in log
+    stops = re.findall(r"stopping at step (\d+)", log)
+    assert stops and {int(s) for s in stops} == {stopped_at}, log[-3000:]
+    from bigtrain.checkpoint import check_checkpoint
+
+    assert check_checkpoint(run / "checkpoints" / f"step_{stopped_at:08d}") is None
+    assert not (run / ".bigtrain.lock.json").exists()  # an orderly end releases the output directory

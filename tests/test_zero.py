@@ -27,6 +27,7 @@ VARIANTS = {
     "zero1_act_ckpt": ["deepspeed.zero_stage=1", "deepspeed.activation_checkpointing=true"],
     "zero2": ["deepspeed.zero_stage=2"],
     "zero3": ["deepspeed.zero_stage=3"],
+    "zero3_init": ["deepspeed.zero_stage=3", "deepspeed.zero3_init=true"],
     "zero2_cpu_offload": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
     "zero3_cpu_offload": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "deepspeed.offload_param=cpu"],
     "zero2_bf16": ["deepspeed.zero_stage=2", "deepspeed.precision=bf16"],
@@ -57,7 +58,9 @@ def engine_facts(run: Path) -> dict:
     return json.loads((run / "live_weights.engine.json").read_text())
 
 
-@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("zero0", "zero2_bf16")])
+# zero3_init=true builds the model inside deepspeed.zero.Init: the same initialisation scheme from
+# other random draws (test_zero3_init_...), so not the same losses.
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n not in ("zero0", "zero2_bf16", "zero3_init")])
 def test_same_losses_as_zero0(runs, name):
     ref, got = losses(runs["zero0"]), losses(runs[name])
     assert len(got) == len(ref) == STEPS
@@ -65,6 +68,27 @@ def test_same_losses_as_zero0(runs, name):
         assert abs(a - b) <= 1e-5 * abs(b), (name, step, a, b)
     state = json.loads((runs[name] / "checkpoints" / f"step_{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["zero_stage"] == int(name[4]) and state["world_size"] == 2
+
+
+def test_zero3_init_creates_the_parameters_partitioned_with_the_models_own_init(runs):
+    """deepspeed.zero3_init=true: the model is built inside deepspeed.zero.Init (counted from the
+    live process; the default, auto, does not for a model this small), and transformers' GPT-2
+    initialisation still ran on the partitioned weights: embeddings and linear weights N(0, 0.02),
+    the residual projections (c_proj) scaled by 1/sqrt(2 x n_layer) = 1/2, biases 0, LayerNorm 1
+    and 0. A model left with torch's defaults (embeddings N(0, 1)) or zeros fails this. It then
+    trains: its loss falls over the 4 steps."""
+    facts, plain = engine_facts(runs["zero3_init"]), engine_facts(runs["zero3"])
+    assert facts["zero_init_contexts"] >= 1 and plain["zero_init_contexts"] == 0, (facts["zero_init_contexts"], plain["zero_init_contexts"])
+    for name, (mean, std) in facts["initial_mean_std"].items():
+        if name.endswith("bias"):
+            assert (mean, std) == (0.0, 0.0), name
+        elif ".ln_" in name:
+            assert (mean, std) == (1.0, 0.0), name
+        else:
+            want = 0.01 if "c_proj" in name else 0.02
+            assert abs(std - want) < 0.05 * want and abs(mean) < 0.1 * want, (name, mean, std)
+    got = losses(runs["zero3_init"])
+    assert len(got) == STEPS and got[-1] < got[0], got
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

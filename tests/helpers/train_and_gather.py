@@ -9,6 +9,8 @@ Rank 0 also writes OUT.pt's stem + ".engine.json" next to it:
 - the ZeRO optimizer wrapper and the optimizer DeepSpeed really steps (torch AdamW, or
   DeepSpeedCPUAdam when the optimizer is offloaded), the wrapper's own offload flags, the device
   ZeRO-3 keeps partitioned parameters on, and the dtype the module's weights are in;
+- how many deepspeed.zero.Init contexts were opened while the model was built, and the mean and
+  standard deviation of each weight before step 1;
 - how many times the first transformer block's computation ran in training mode. transformers
   checkpoints a block's `forward` (not `__call__`), so hooks on the block itself stay outside the
   checkpoint and fire once per step either way; the block's submodules run inside it, so a
@@ -28,8 +30,28 @@ from bigtrain.engine import leave
 from bigtrain.trainer import Trainer
 
 out, overrides = sys.argv[1], sys.argv[2:]
+
+# Count the deepspeed.zero.Init contexts opened while the model is built (module=None: parameters
+# created partitioned, as transformers does under ZeRO-3's zero3_init; DeepSpeed's engine later
+# converts an already built module with Init(module=...), which is not counted).
+zero_init_contexts = 0
+_init = deepspeed.zero.Init.__init__
+
+
+def counting_init(self, module=None, *args, **kwargs):
+    global zero_init_contexts
+    zero_init_contexts += module is None
+    _init(self, module, *args, **kwargs)
+
+
+deepspeed.zero.Init.__init__ = counting_init
 trainer = Trainer(load_config(None, overrides))
+deepspeed.zero.Init.__init__ = _init
 engine = trainer.engine
+stage3 = trainer.ds_config["zero_optimization"]["stage"] == 3
+start_params = list(engine.module.parameters())
+with deepspeed.zero.GatheredParameters(start_params, enabled=stage3):
+    initial = {name: [p.detach().float().mean().item(), p.detach().float().std().item()] for name, p in engine.module.named_parameters()}
 
 # The first block: the first element of the first ModuleList (GPT-2's transformer.h, Llama's
 # model.layers, BERT's encoder.layer).
@@ -51,7 +73,6 @@ inner.register_forward_hook(counter("inner"))
 trainer.train()
 
 params = dict(engine.module.named_parameters())
-stage3 = trainer.ds_config["zero_optimization"]["stage"] == 3
 with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage3):
     weights = {name: p.detach().clone().float() for name, p in params.items()}
 
@@ -85,6 +106,8 @@ evidence = {
     "block_forwards": counts["block"],
     "inner": f"{block_name}.{inner_name}",
     "inner_forwards": counts["inner"],
+    "zero_init_contexts": zero_init_contexts,
+    "initial_mean_std": initial,  # of the gathered weights before step 1
 }
 if trainer.env.rank == 0:
     torch.save(weights, out)
