@@ -149,6 +149,11 @@ class DeepSpeedConfig:
     zero3_init: Union[bool, str] = "auto"
     # Collective timeout, so a lost or stuck rank never hangs the job forever (fractions allowed).
     timeout_minutes: float = 30.0
+    # Model parallelism (bigtrain/parallel.py): the linear layers split over this many ranks
+    # (DeepSpeed AutoTP), or each sequence split over this many ranks (DeepSpeed Ulysses). The
+    # data-parallel size is world size / (tensor_parallel x sequence_parallel).
+    tensor_parallel: int = 1
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -570,6 +575,9 @@ def _validate_deepspeed(cfg: Config, where_of) -> None:
         raise UserError(f"{where_of('deepspeed.offload_param')}: 'deepspeed.offload_param={ds.offload_param}' needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise UserError(f"{where_of('deepspeed.offload_optimizer')}: 'deepspeed.offload_optimizer={ds.offload_optimizer}' needs deepspeed.zero_stage >= 1")
+    from bigtrain.parallel import check_parallel_config
+
+    check_parallel_config(cfg, where_of)
     _check_json_mapping(cfg.model.config, "model.config", where_of)
     user = user_ds_config(cfg, where_of)
     _check_json_mapping(user, "deepspeed.config", where_of)
@@ -582,16 +590,21 @@ def _validate_deepspeed(cfg: Config, where_of) -> None:
 def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
     """Batch-size arithmetic. Returns the global batch size (samples per optimizer step)."""
     where_of = where_of or (lambda key: "config")
+    from bigtrain.parallel import data_parallel_size
+
     t = cfg.train
     per_step = t.micro_batch_size * t.grad_accum
-    global_batch = per_step * world_size
+    dp = data_parallel_size(cfg, world_size, where_of)  # ranks holding different samples
+    global_batch = per_step * dp
+    ranks = f"{dp} data-parallel rank(s)" if dp != world_size else f"{world_size} rank(s)"
+    size = f"world_size={world_size}" if dp == world_size else f"data-parallel size={dp} (world_size {world_size} / model-parallel ranks)"
     if t.global_batch_size is not None and t.global_batch_size != global_batch:
         hint = ""
-        if t.global_batch_size % (t.micro_batch_size * world_size) == 0:
-            hint = f"; with micro_batch_size={t.micro_batch_size} on {world_size} rank(s) use train.grad_accum={t.global_batch_size // (t.micro_batch_size * world_size)}"
+        if t.global_batch_size % (t.micro_batch_size * dp) == 0:
+            hint = f"; with micro_batch_size={t.micro_batch_size} on {ranks} use train.grad_accum={t.global_batch_size // (t.micro_batch_size * dp)}"
         raise UserError(
             f"{where_of('train.global_batch_size')}: train.global_batch_size={t.global_batch_size} does not divide into "
-            f"micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum} x world_size={world_size} = {global_batch}{hint}"
+            f"micro_batch_size={t.micro_batch_size} x grad_accum={t.grad_accum} x {size} = {global_batch}{hint}"
         )
     user = user_ds_config(cfg, where_of)
     for key, ours in (("train_micro_batch_size_per_gpu", t.micro_batch_size), ("gradient_accumulation_steps", t.grad_accum), ("train_batch_size", global_batch)):
@@ -599,7 +612,7 @@ def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
         if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs != ours:
             raise UserError(
                 f"{where_of('deepspeed.config')}: deepspeed.config sets {key}={theirs} but the train.* keys give {ours} "
-                f"(micro_batch_size={t.micro_batch_size}, grad_accum={t.grad_accum}, world_size={world_size})"
+                f"(micro_batch_size={t.micro_batch_size}, grad_accum={t.grad_accum}, {size})"
             )
     return global_batch
 

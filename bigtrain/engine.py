@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from bigtrain.config import Config, check_batch, decide_precision, user_ds_config, where_of
 from bigtrain.errors import UserError
+from bigtrain.parallel import ds_config_entries
 
 
 @dataclass(frozen=True)
@@ -201,6 +202,11 @@ def build_ds_config(cfg: Config, world_size: int, on_cpu: bool) -> dict:
         # math), and with fp32 at ZeRO-0, where DeepSpeed has no overflow check, it is the one
         # optimizer that can skip a non-finite step on the device (`found_inf`, see steps.py).
         conf["optimizer"]["params"].update(torch_adam=True, fused=True)
+    conf.update(ds_config_entries(cfg))
+    if cfg.deepspeed.tensor_parallel > 1:
+        # DeepSpeed builds its batch arithmetic before the tensor-parallel groups exist and
+        # counts the whole world as data parallel: give it micro batch and accumulation only.
+        conf.pop("train_batch_size", None)
     conf = deep_merge(conf, user_ds_config(cfg))
     return conf
 
@@ -268,11 +274,11 @@ def release_shm_buffers() -> None:
             pass
 
 
-def initialize(model, ds_config: dict, weight_decay: float):
-    """`deepspeed.initialize` with bigtrain's parameter groups; returns the engine."""
+def initialize(model, ds_config: dict, weight_decay: float, mpu=None):
+    """`deepspeed.initialize` with bigtrain's parameter groups (and Ulysses' mpu); returns the engine."""
     import deepspeed
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config, mpu=mpu)
     return engine
 
 

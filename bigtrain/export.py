@@ -30,9 +30,21 @@ def lazy_state_dict(ckpt: Path) -> dict:
         if not files:
             raise UserError(f"{ckpt}: no mp_rank_*_model_states.pt: not a complete DeepSpeed checkpoint")
         return load_weights_only(files[0], mmap=True)["module"]
+    if state.get("tensor_parallel", 1) > 1:
+        return _universal_state_dict(ckpt)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+
+
+def _universal_state_dict(ckpt: Path) -> dict:
+    """A tensor-parallel checkpoint: each rank saved its slices of the split layers, which
+    zero_to_fp32 does not join. DeepSpeed's universal conversion does (once, kept next to the
+    checkpoint, as for a resume at another world size): one fp32 file per whole parameter."""
+    from bigtrain.checkpoint import to_universal
+
+    root = to_universal(ckpt) / "zero"
+    return {p.name: load_weights_only(p / "fp32.pt")["param"] for p in sorted(root.iterdir()) if (p / "fp32.pt").is_file()}
 
 
 def model_class_for(config, task: str | None = None):

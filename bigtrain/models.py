@@ -23,6 +23,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-large": dict(model_type="bert", num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512),
     "roberta-base": dict(model_type="roberta", num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072,
                          max_position_embeddings=514, type_vocab_size=1),
+    # A small Llama (grouped-query attention, RoPE, SwiGLU, RMSNorm): ~2.9M parameters besides the
+    # embeddings. The model for tensor and sequence parallelism on CPU (AutoTP splits Llama, not GPT-2).
+    "llama-tiny": dict(
+        model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
+        rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
     # Llama 3.2 1B shape.
     "llama-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -313,10 +313,14 @@ class Comm:
     """How an evaluation reaches the other ranks: torch.distributed in training, nothing in
     `bigtrain eval` (one process)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device=None) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, device=None, data: Optional[tuple[int, int]] = None) -> None:
         import torch
 
         self.rank, self.world = rank, world
+        # Which share of the examples this rank evaluates: (data-parallel rank, size). Ranks of a
+        # tensor- or sequence-parallel group evaluate the same examples (their sums count each
+        # example that many times over, in the numerator and the denominator alike).
+        self.data_rank, self.data_world = data if data is not None else (rank, world)
         self.device = device if device is not None else torch.device("cpu")
 
     def all_reduce(self, tensor) -> None:
@@ -457,11 +461,11 @@ class LMTask:
         valid, micro = self.valid_indices, self.cfg.train.micro_batch_size
         if len(valid) == 0:
             return Evaluation({})
-        n_batches = max(1, min(self.cfg.train.eval_batches, math.ceil(len(valid) / (micro * comm.world))))
+        n_batches = max(1, min(self.cfg.train.eval_batches, math.ceil(len(valid) / (micro * comm.data_world))))
         totals = torch.zeros(3, dtype=torch.float64, device=comm.device)  # loss x targets, targets, correct
         with torch.no_grad():
             for b in range(n_batches):
-                pos = (b * comm.world + comm.rank) * micro + np.arange(micro)
+                pos = (b * comm.data_world + comm.data_rank) * micro + np.arange(micro)
                 batch = comm.to_device(self._model_batch(self.valid_blocks, valid[pos % len(valid)], -1 - int(pos[0])))
                 labels = batch["labels"]
                 n_targets = ((labels[:, 1:] if self.masker is None else labels) != IGNORE).sum()

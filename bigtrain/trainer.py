@@ -33,12 +33,13 @@ from typing import Optional
 from bigtrain import faults
 from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, read_state, to_universal
 from bigtrain.checkpointer import Checkpointer
-from bigtrain.config import Config, dump_yaml, where_of
+from bigtrain.config import Config, check_batch, dump_yaml, where_of
 from bigtrain.data import Prefetcher
 from bigtrain.engine import LossScaleWatch, build_ds_config, dist_env, init_distributed, initialize, precision_of, release_shm_buffers, setup_accelerator
 from bigtrain.errors import UserError
 from bigtrain.metrics import RunLog, plot_loss_curve, setup_logging
 from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
+from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
 from bigtrain.preemption import RANK_LOST_EXIT_CODE, StopSignal
 from bigtrain.runlock import RunLock
 from bigtrain.steps import Callback, DivergedError, HealthGuard, StepResult, StepRunner
@@ -112,19 +113,24 @@ class Trainer:
         self.run_lock: Optional[RunLock] = None  # rank 0: this run owns output_dir
         self.on_cpu = setup_accelerator()
         self.env = dist_env()
+        self.layout = layout_of(cfg, self.env.world_size, self.env.rank)
         self.logger = setup_logging(self.env.rank)
         self.output_dir = Path(cfg.output_dir)
         self.ds_config = build_ds_config(cfg, self.env.world_size, self.on_cpu)
         self.precision = precision_of(self.ds_config)
-        self.global_batch = self.ds_config["train_batch_size"]
+        self.global_batch = check_batch(cfg, self.env.world_size, lambda k: where_of(cfg, k))
         self.task = build_task(cfg)
         self.task.segment_ids = cfg.task == "clm" and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
         self._before_group(resume, overwrite)
         self._join_group()
         self._build_model()
-        self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay)
-        self.schedule = self.task.schedule(self.global_batch, cfg.train.micro_batch_size, self.env.world_size, self.env.rank, cfg.train.seed)
+        mpu = register_sequence_parallel(self.model, self.attn, cfg)
+        self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
+        self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None
+        # Ranks of one tensor- or sequence-parallel group hold the same samples: the schedule is
+        # keyed by the data-parallel rank (bigtrain/parallel.py).
+        self.schedule = self.task.schedule(self.global_batch, cfg.train.micro_batch_size, self.layout.dp, self.layout.dp_rank, cfg.train.seed)
         self.step, self.samples_seen = 0, 0
         if self.checkpointer.resume_from is not None:
             self._restore(trust_checkpoint)
@@ -134,13 +140,13 @@ class Trainer:
                                  self.schedule.global_ids, watch)
         self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None)
         self.stop = StopSignal(self.env.world_size, self.on_cpu)
-        self.comm = Comm(self.env.rank, self.env.world_size, self.device)
+        self.comm = Comm(self.env.rank, self.env.world_size, self.device, data=(self.layout.dp_rank, self.layout.dp))
         if self.env.rank == 0:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         self.logger.info(
             f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self.n_params / 1e6:.2f}M parameters), "
-            f"world size {self.env.world_size}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
+            f"{self.layout.describe()}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {self.task.describe()}"
         )
 
@@ -155,7 +161,8 @@ class Trainer:
             self.run_lock = RunLock.acquire(self.output_dir, self.cfg.train.lock_stale_seconds, self.logger.info)
             chosen = self.checkpointer.choose(resume, log=self.logger.info)
             if chosen is not None and self._needs_universal(chosen):
-                self.logger.info(f"world size changed ({read_state(chosen)['world_size']} -> {self.env.world_size}): loading {chosen.name} as a universal checkpoint")
+                self.logger.info(f"layout changed ({describe_saved_layout(read_state(chosen))} -> {self.layout.describe()}): "
+                                 f"loading {chosen.name} as a universal checkpoint")
                 to_universal(chosen)
         self.task.prepare(self.env.rank, False, self.logger.info)
         if self.env.rank == 0 and overwrite and self.checkpointer.resume_from is None:
@@ -167,7 +174,9 @@ class Trainer:
         """A ZeRO checkpoint written at another world size is partitioned for that world size:
         it is converted to DeepSpeed's universal format once (rank 0) and loaded as such."""
         saved = read_state(ckpt)
-        return saved["world_size"] != self.env.world_size and (saved["zero_stage"] >= 1 or saved.get("precision", "fp32") != "fp32")
+        layout = (saved["world_size"], saved.get("tensor_parallel", 1), saved.get("sequence_parallel", 1))
+        changed = layout != (self.env.world_size, self.layout.tp, self.layout.sp)
+        return changed and (saved["zero_stage"] >= 1 or saved.get("precision", "fp32") != "fp32")
 
     def _join_group(self) -> None:
         import torch
@@ -195,7 +204,8 @@ class Trainer:
         self.hf_config = model_config(self.cfg, self.tokenizer, self.task)
         check_disk(self.cfg, self.output_dir, count_parameters_meta(self.cfg.task, self.hf_config))
         torch.manual_seed(self.cfg.train.seed)
-        attn = attn_implementation(self.cfg.model.attn_implementation, self.on_cpu)
+        check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k))
+        self.attn = attn = attn_implementation(self.cfg.model.attn_implementation, self.on_cpu)
         self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, attn, self.task.labeled, len(self.tokenizer))
         self.n_params = count_parameters(self.model)
 
@@ -213,6 +223,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def forward(self, batch: dict):
+        if self.shard is not None:  # sequence parallel: this rank's slice of every sequence
+            return self.shard(self.engine, batch)
         return self.engine(**batch)
 
     def train(self) -> Outcome:
@@ -373,6 +385,8 @@ class Trainer:
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "global_batch": self.global_batch,
             "world_size": self.env.world_size,
+            "tensor_parallel": self.layout.tp,
+            "sequence_parallel": self.layout.sp,
             "zero_stage": self.ds_config["zero_optimization"]["stage"],
             "precision": self.precision,
             "seed": self.cfg.train.seed,

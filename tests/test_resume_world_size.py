@@ -46,7 +46,7 @@ def test_resume_at_another_world_size(cli, corpus, tmp_path_factory, stage, befo
     out = tmp_path_factory.mktemp(f"ws-z{stage}-{before}to{after}")
     ckpt = root / "checkpoints" / "step_00000006"
     r = train(cli, corpus, out, stage, after, resume=ckpt)
-    assert f"world size changed ({before} -> {after})" in r.stderr
+    assert f"layout changed (world size {before} -> world size {after})" in r.stderr
     state = json.loads((out / "checkpoints" / "step_00000012" / "trainer_state.json").read_text())
     assert state["world_size"] == after and state["samples_seen"] == 12 * 8
     straight, resumed = losses(root), losses(out)

@@ -1,0 +1,216 @@
+"""Model parallelism through DeepSpeed: tensor parallelism (AutoTP) and sequence parallelism (Ulysses).
+
+ZeRO splits the optimizer states, gradients and (stage 3) the parameters over the data-parallel
+ranks, but every rank still runs the whole model on whole sequences. Two more splits, both
+DeepSpeed's own, are configured here:
+
+  deepspeed.tensor_parallel=N    AutoTP: each linear layer's weight is split over N ranks (column-
+                                 wise for q/k/v, gate and up projections, row-wise with an
+                                 all-reduce for the output and down projections, as the model's
+                                 transformers `tp_plan` says). The N ranks see the same samples.
+  deepspeed.sequence_parallel=N  Ulysses (DeepSpeed's ALST): each rank holds 1/N of every sequence;
+                                 around the core attention an all-to-all gives each rank the whole
+                                 sequence for 1/N of the heads. The N ranks see the same samples.
+
+Layout.  world = data-parallel x tensor-parallel x sequence-parallel. DeepSpeed puts the ranks of
+one tensor- or sequence-parallel group next to each other (ranks 0-1, 2-3, ...), so the
+data-parallel rank is rank // (tp x sp). The batch schedule is keyed by the data-parallel rank
+and size: every rank of a group gets the same samples, and the global batch is
+micro_batch_size x grad_accum x data-parallel size. The two are not combined (DeepSpeed 0.19
+does not compose AutoTP with Ulysses).
+
+Sequence-parallel loss.  Rank r of a group of N holds tokens [r S/N, (r+1) S/N) of each
+sequence. The labels are shifted on the whole sequence before slicing (the last token of a slice
+predicts the first of the next), the position ids are the slice's own. The loss of the unsplit
+model is the token-weighted mean over the whole sequence:
+
+    L = sum_r sum_{t in slice r} l_t / T,      T = the group's target count (all-reduced, no grad)
+
+Each rank computes its own share  L_r = sum_{t in slice r} l_t / T  and reports L = sum_r L_r
+(an all-reduce of the detached shares). The value handed to the engine is L_r + (L - L_r).detach():
+it reads as L (the curve, the non-finite checks, evaluation) and differentiates as L_r. Summed
+over the group, the L_r gradients are the unsplit model's; DeepSpeed's gradient reduction at ZeRO
+1-2 sums over the group and divides by the data-parallel size, which is exactly that. ZeRO-3's
+reduce-scatter divides by the whole world instead, so there the backward share is N x L_r
+(both measured against one process's gradient norm: tests/test_parallel.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Optional
+
+from bigtrain.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: world = dp x tp x sp, model-parallel groups on consecutive ranks."""
+
+    world: int
+    rank: int = 0
+    tp: int = 1
+    sp: int = 1
+
+    @property
+    def group(self) -> int:
+        """Ranks per model-parallel group (they hold the same samples)."""
+        return self.tp * self.sp
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.group
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.group
+
+    @property
+    def sp_rank(self) -> int:
+        return self.rank % self.sp
+
+    def describe(self) -> str:
+        if self.group == 1:
+            return f"world size {self.world}"
+        kind = f"tensor parallel {self.tp}" if self.tp > 1 else f"sequence parallel {self.sp}"
+        return f"world size {self.world} = data parallel {self.dp} x {kind}"
+
+
+def describe_saved_layout(state: dict) -> str:
+    """A checkpoint's layout from its trainer_state.json (older ones have no tp/sp: 1)."""
+    return Layout(state["world_size"], 0, state.get("tensor_parallel", 1), state.get("sequence_parallel", 1)).describe()
+
+
+def layout_of(cfg, world: int, rank: int = 0) -> Layout:
+    return Layout(world, rank, cfg.deepspeed.tensor_parallel, cfg.deepspeed.sequence_parallel)
+
+
+def check_parallel_config(cfg, where_of) -> None:
+    """The rules that need no world size and no model: sizes, task, ZeRO stage, not both."""
+    from bigtrain.config import _check_range
+
+    ds = cfg.deepspeed
+    for key in ("tensor_parallel", "sequence_parallel"):
+        value = getattr(ds, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{where_of('deepspeed.' + key)}: 'deepspeed.{key}' must be a whole number, got {value!r}")
+        _check_range(value, f"deepspeed.{key}", where_of, lo=1, hi=1 << 12)
+    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1:
+        return
+    key = "deepspeed.tensor_parallel" if ds.tensor_parallel > 1 else "deepspeed.sequence_parallel"
+    if ds.tensor_parallel > 1 and ds.sequence_parallel > 1:
+        raise UserError(f"{where_of(key)}: deepspeed.tensor_parallel={ds.tensor_parallel} with deepspeed.sequence_parallel="
+                        f"{ds.sequence_parallel}: DeepSpeed does not combine AutoTP with Ulysses; choose one")
+    if cfg.task != "clm":
+        raise UserError(f"{where_of(key)}: {key.split('.')[1]} is for causal LM training (task=clm), not task={cfg.task}")
+    if cfg.data.mode != "packed":
+        raise UserError(f"{where_of(key)}: {key.split('.')[1]} needs data.mode=packed (full-length sequences)")
+    if ds.zero_stage == 0:
+        # Ulysses reduces gradients through the ZeRO optimizer, and a ZeRO-0 checkpoint of a split
+        # model cannot be converted to DeepSpeed's universal format (resume in another layout, export).
+        raise UserError(f"{where_of('deepspeed.zero_stage')}: {key.split('.')[1]} needs deepspeed.zero_stage 1, 2 or 3 "
+                        f"(got 0: DeepSpeed cannot convert a ZeRO-0 checkpoint of a split model)")
+    if ds.sequence_parallel > 1:
+        if cfg.data.seq_len % ds.sequence_parallel:
+            raise UserError(f"{where_of('data.seq_len')}: data.seq_len={cfg.data.seq_len} does not divide by "
+                            f"deepspeed.sequence_parallel={ds.sequence_parallel}")
+
+
+def data_parallel_size(cfg, world: int, where_of=None) -> int:
+    """world / (tp x sp), refusing a world size that the model-parallel groups do not divide."""
+    where_of = where_of or (lambda key: "config")
+    layout = layout_of(cfg, world)
+    if world % layout.group:
+        key = "deepspeed.tensor_parallel" if layout.tp > 1 else "deepspeed.sequence_parallel"
+        raise UserError(f"{where_of(key)}: the world size {world} does not divide into groups of {layout.group} "
+                        f"({key.split('.')[1]}={layout.group}); use a multiple of {layout.group} ranks")
+    return layout.dp
+
+
+def check_model(cfg, hf_config, where_of) -> None:
+    """Model-dependent rules: heads that divide, a model AutoTP knows how to split."""
+    ds = cfg.deepspeed
+    heads = _first(hf_config, "num_attention_heads", "n_head")
+    kv = _first(hf_config, "num_key_value_heads") or heads
+    for key, n in (("deepspeed.tensor_parallel", ds.tensor_parallel), ("deepspeed.sequence_parallel", ds.sequence_parallel)):
+        if n == 1:
+            continue
+        for what, count in (("attention heads", heads), ("key/value heads", kv)):
+            if count and count % n:
+                raise UserError(f"{where_of(key)}: {key.split('.')[1]}={n} does not divide the model's {count} {what} "
+                                f"({hf_config.model_type}); each rank must hold whole heads")
+    if ds.tensor_parallel > 1 and not getattr(hf_config, "base_model_tp_plan", None):
+        raise UserError(f"{where_of('deepspeed.tensor_parallel')}: DeepSpeed's AutoTP cannot split model type "
+                        f"'{hf_config.model_type}' (no transformers tensor-parallel plan; GPT-2's Conv1D layers are refused "
+                        "by AutoTP); use a Llama-family model such as model.preset=llama-tiny, or ZeRO alone")
+
+
+def _first(obj, *names) -> Optional[int]:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value:
+            return value
+    return None
+
+
+def ds_config_entries(cfg) -> dict[str, Any]:
+    """What the ds_config needs for the layout (engine.build_ds_config merges it in)."""
+    ds = cfg.deepspeed
+    out: dict[str, Any] = {}
+    if ds.tensor_parallel > 1:
+        # Full logits on every rank (the loss, evaluation and sampling read them): without this a
+        # tied lm_head is split by vocabulary and each rank's logits hold only its share.
+        out["tensor_parallel"] = {"autotp_size": ds.tensor_parallel, "vocab_parallel_lm_head": False}
+    if ds.sequence_parallel > 1:
+        out["sequence_parallel_size"] = ds.sequence_parallel
+    return out
+
+
+def register_sequence_parallel(model, attn: str, cfg):
+    """Ulysses around the model's core attention (`attn`, any transformers attention registry
+    entry: sdpa or bigtrain_triton); returns the mpu for deepspeed.initialize (None if sp=1)."""
+    sp = cfg.deepspeed.sequence_parallel
+    if sp == 1:
+        return None
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=sp,
+        micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_len, seq_length_is_variable=True)
+
+
+class SequenceShard:
+    """Runs one micro-batch of a sequence-parallel group on this rank's slice (see the module
+    docstring for the loss)."""
+
+    def __init__(self, layout: Layout, zero_stage: int) -> None:
+        from deepspeed.utils import groups
+
+        self.sp, self.rank = layout.sp, layout.sp_rank
+        self.group = groups._get_sequence_parallel_group()
+        self.backward_scale = float(self.sp) if zero_stage == 3 else 1.0
+
+    def __call__(self, model, batch: dict):
+        import torch
+        import torch.distributed as dist
+        import torch.nn.functional as F
+
+        ids, labels = batch["input_ids"], batch["labels"]
+        n = ids.shape[1] // self.sp
+        piece = slice(self.rank * n, (self.rank + 1) * n)
+        targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:][:, piece]  # shifted on the whole sequence
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[:, piece]
+        extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}  # the whole sequence's
+        out = model(input_ids=ids[:, piece], position_ids=positions, use_cache=False, **extra)
+        logits = out.logits.float()
+        total = (targets != IGNORE).sum().float()
+        dist.all_reduce(total, group=self.group)
+        share = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        share = share / total.clamp(min=1.0)
+        whole = share.detach().clone()
+        dist.all_reduce(whole, group=self.group)
+        scaled = share * self.backward_scale
+        return SimpleNamespace(loss=scaled + (whole - scaled).detach(), logits=out.logits)
