@@ -539,14 +539,45 @@ def to_universal(ckpt: Path) -> Path:
         return out
     tmp = ckpt.parent / (".tmp-" + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt), "--output_folder", str(tmp),
+    source = _sequence_parallel_view(ckpt)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source or ckpt), "--output_folder", str(tmp),
            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        if source is not None:
+            shutil.rmtree(source, ignore_errors=True)
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["unknown error"]
         raise UserError(f"--resume: converting {ckpt} to a universal checkpoint failed: {tail[0]}")
     tmp.rename(out)
     return out
+
+
+def _sequence_parallel_view(ckpt: Path) -> Optional[Path]:
+    """A ZeRO-1/2 checkpoint saved under Ulysses records the sequence-parallel size as its
+    tensor-parallel degree (DeepSpeed 0.19's sequence-parallel mpu answers the model-parallel
+    queries), and ds_to_universal then looks for that many model-state files. Sequence
+    parallelism splits no weight: a view of the checkpoint (links to its files, the model states
+    rewritten with tp_degree 1) converts as it should. None when no view is needed."""
+    import torch
+
+    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
+    if read_state(ckpt).get("sequence_parallel", 1) == 1 or not files:
+        return None
+    view = ckpt.parent / (TMP_PREFIX + "view-" + ckpt.name)
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    for p in ckpt.iterdir():
+        (view / p.name).symlink_to(p.resolve())
+    for p in files:
+        states = torch.load(p, map_location="cpu", weights_only=False)  # already checked by check_pickles (or trusted)
+        dims = states.get("checkpoint_parallel_dimensions") or {}
+        if "tp_degree" in dims:
+            dims["tp_degree"] = 1
+        (view / p.name).unlink()
+        torch.save(states, view / p.name)
+    return view
 
 
 def load(engine, ckpt: Path, rank: int, universal: bool = False, trust: bool = False) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigtrain import faults
-from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, read_state, to_universal
+from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, check_pickles, read_state, to_universal
 from bigtrain.checkpointer import Checkpointer
 from bigtrain.config import Config, check_batch, dump_yaml, where_of
 from bigtrain.data import Prefetcher
@@ -122,7 +122,7 @@ class Trainer:
         self.task = build_task(cfg)
         self.task.segment_ids = cfg.task == "clm" and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
-        self._before_group(resume, overwrite)
+        self._before_group(resume, overwrite, trust_checkpoint)
         self._join_group()
         self._build_model()
         mpu = register_sequence_parallel(self.model, self.attn, cfg)
@@ -152,7 +152,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ building
 
-    def _before_group(self, resume: Optional[str], overwrite: bool) -> None:
+    def _before_group(self, resume: Optional[str], overwrite: bool, trust: bool = False) -> None:
         """Rank 0 checks the output directory and chooses the checkpoint (before anything is
         overwritten); data that every rank must check is read before any collective."""
         if self.env.rank == 0:
@@ -161,6 +161,8 @@ class Trainer:
             self.run_lock = RunLock.acquire(self.output_dir, self.cfg.train.lock_stale_seconds, self.logger.info)
             chosen = self.checkpointer.choose(resume, log=self.logger.info)
             if chosen is not None and self._needs_universal(chosen):
+                if not trust:
+                    check_pickles(chosen)  # the conversion unpickles the checkpoint's files
                 self.logger.info(f"layout changed ({describe_saved_layout(read_state(chosen))} -> {self.layout.describe()}): "
                                  f"loading {chosen.name} as a universal checkpoint")
                 to_universal(chosen)
