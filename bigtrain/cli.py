@@ -173,11 +173,13 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise UserError(f"--nproc must be >= 1, got {ns.nproc}")
         # Check everything that can be checked before starting ranks, and tokenize once here.
         from bigtrain.engine import build_ds_config, setup_accelerator
+        from bigtrain.parallel import check_model_before_launch
         from bigtrain.tasks import build_task
         from bigtrain.trainer import check_output_dir
 
         on_cpu = setup_accelerator()
         check_batch(cfg, ns.nproc, lambda key: where_of(cfg, key))
+        check_model_before_launch(cfg, lambda key: where_of(cfg, key))
         check_output_dir(cfg, ns.overwrite, ns.resume)
         build_ds_config(cfg, ns.nproc, on_cpu)
         build_task(cfg).prepare(0, False, lambda *a: print(*a, file=sys.stderr, flush=True))

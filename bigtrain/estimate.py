@@ -56,6 +56,7 @@ class ModelShape:
     positions: int | None
     dropout: bool  # residual/embedding dropout active in training
     gelu_new: bool  # GPT-2's tanh GeLU written in Python ops (saves 4 tensors, not 1)
+    linear_params: int = 0  # in nn.Linear layers (lm_head included): what AutoTP splits
 
 
 def model_shape(cfg) -> ModelShape:
@@ -68,6 +69,7 @@ def model_shape(cfg) -> ModelShape:
         model = (AutoModelForMaskedLM if encoder else AutoModelForCausalLM).from_config(cfg)
     params = sum(p.numel() for p in model.parameters())  # parameters() skips tied duplicates
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters(recurse=False))
     mt = cfg.model_type
     if mt == "gpt2":
         h, heads = cfg.n_embd, cfg.n_head
@@ -75,7 +77,7 @@ def model_shape(cfg) -> ModelShape:
             model_type="gpt2", params=params, largest_layer_params=largest, layers=cfg.n_layer,
             hidden=h, heads=heads, kv_dim=h, intermediate=cfg.n_inner or 4 * h, vocab=cfg.vocab_size,
             positions=cfg.n_positions, dropout=max(cfg.resid_pdrop, cfg.embd_pdrop) > 0,
-            gelu_new=cfg.activation_function == "gelu_new",
+            gelu_new=cfg.activation_function == "gelu_new", linear_params=linear,
         )
     if encoder:
         # BERT/RoBERTa: the GPT-2 layer (LayerNorms, exact GeLU MLP, dropout), post-norm.
@@ -84,7 +86,7 @@ def model_shape(cfg) -> ModelShape:
             model_type="gpt2", params=params, largest_layer_params=largest, layers=cfg.num_hidden_layers,
             hidden=h, heads=heads, kv_dim=h, intermediate=cfg.intermediate_size, vocab=cfg.vocab_size,
             positions=cfg.max_position_embeddings, dropout=max(cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob) > 0,
-            gelu_new=False,
+            gelu_new=False, linear_params=linear,
         )
     h, heads = cfg.hidden_size, cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
@@ -93,7 +95,7 @@ def model_shape(cfg) -> ModelShape:
         model_type="llama", params=params, largest_layer_params=largest, layers=cfg.num_hidden_layers,
         hidden=h, heads=heads, kv_dim=kv_heads * head_dim, intermediate=cfg.intermediate_size,
         vocab=cfg.vocab_size, positions=getattr(cfg, "max_position_embeddings", None),
-        dropout=False, gelu_new=False,
+        dropout=False, gelu_new=False, linear_params=linear,
     )
 
 
@@ -217,7 +219,7 @@ def _states_offloaded(n: int, ll: int, zero: int, offload: str, nodes: int, gpus
 
 
 def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precision: str = "bf16",
-                     checkpointing: bool = False, device: str = "cuda") -> dict[str, int]:
+                     checkpointing: bool = False, device: str = "cuda", tp: int = 1) -> dict[str, int]:
     """Peak activation bytes of one micro-batch on one GPU (forward + backward).
 
     Counts what autograd really saves in the transformers GPT-2 and Llama code (checked against
@@ -250,6 +252,13 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precisio
     layer keeps only its input (``e*h``) and the backward recomputes one layer at a time, after
     the logits' peak is over: ``L*e*h + outside + max(layer, 12V)``.
 
+    Tensor parallelism (Llama, `tp` ranks): q, k, v, the attention output, its log-sum-exp and
+    the SwiGLU tensors are split by heads or by MLP width (``e*(2h + 2k + 4I)/tp + 4a/tp``); the
+    norms' inputs and outputs (``8h + 4e*h``) are whole on every rank, and so are the logits
+    (AutoTP gathers lm_head's output). Sequence parallelism needs no term of its own: a rank
+    holds seq_len/sp tokens everywhere but inside the core attention, where it holds the whole
+    sequence for 1/sp of the heads, the same bytes (`estimate` passes seq_len/sp).
+
     `device="cpu"` describes what the tests can measure on CPU: dropout masks are full tensors
     of the activation dtype (m = e), and torch's CPU flash kernel copies GPT-2's strided q and v
     (+2e*h per layer). On CPU, SDPA with dropout falls back to the math kernel, which stores the
@@ -260,7 +269,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precisio
     if micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {micro_batch}")
     e = 4 if precision == "fp32" else 2
-    layer, outside = _per_token_bytes(shape, e, device)
+    layer, outside = _per_token_bytes(shape, e, device, tp)
     tokens = seq_len * micro_batch
     logits = 12 * shape.vocab
     if checkpointing:
@@ -274,7 +283,7 @@ def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, precisio
             "logits": tokens * logits, "total": tokens * (peak + outside)}
 
 
-def _per_token_bytes(shape: ModelShape, e: int, device: str) -> tuple[int, int]:
+def _per_token_bytes(shape: ModelShape, e: int, device: str, tp: int = 1) -> tuple[int, int]:
     """(one layer, outside the layers) activation bytes per token, as `activation_bytes` documents them."""
     h, inter, a, k = shape.hidden, shape.intermediate, shape.heads, shape.kv_dim
     m = (1 if device == "cuda" else e) if shape.dropout else 0
@@ -285,7 +294,7 @@ def _per_token_bytes(shape: ModelShape, e: int, device: str) -> tuple[int, int]:
             layer += 2 * e * h
         outside = 16 + 2 * e * h + 8 + m * h
     else:
-        layer = 8 * h + e * (6 * h + 2 * k + 4 * inter) + 4 * a
+        layer = 8 * h + e * (4 * h + math.ceil((2 * h + 2 * k + 4 * inter) / tp)) + math.ceil(4 * a / tp)
         outside = 16 + 4 * h + 2 * e * h
     return layer, outside
 
@@ -293,19 +302,52 @@ def _per_token_bytes(shape: ModelShape, e: int, device: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------- the estimate
 
 
+def tensor_parallel_share(shape: ModelShape, tp: int) -> tuple[int, int]:
+    """(parameters, largest layer) on each of `tp` tensor-parallel ranks: AutoTP splits every
+    linear layer (lm_head included) `tp` ways; embeddings and norms stay whole on every rank."""
+    if tp == 1:
+        return shape.params, shape.largest_layer_params
+    if shape.model_type != "llama":
+        raise UserError("--tp: DeepSpeed's AutoTP splits Llama-family models (GPT-2's Conv1D layers are refused); use --preset llama-*")
+    n = shape.params - shape.linear_params + math.ceil(shape.linear_params / tp)
+    return n, max(shape.vocab * shape.hidden, math.ceil(shape.largest_layer_params / tp))
+
+
+def _check_layout(tp: int, sp: int, nodes: int, gpus_per_node: int, seq_len: int) -> None:
+    for flag, n in (("--tp", tp), ("--sp", sp)):
+        if n < 1:
+            raise UserError(f"{flag} must be >= 1, got {n}")
+    if tp > 1 and sp > 1:
+        raise UserError("--tp and --sp together: DeepSpeed does not combine AutoTP with Ulysses; choose one")
+    if tp > 1 and gpus_per_node % tp:
+        raise UserError(f"--tp {tp} does not divide --gpus-per-node {gpus_per_node}: tensor parallelism needs its ranks inside one node")
+    if (nodes * gpus_per_node) % (tp * sp):
+        raise UserError(f"--sp {sp} does not divide the {nodes * gpus_per_node} GPUs")
+    if seq_len % sp:
+        raise UserError(f"--seq-len {seq_len} does not divide by --sp {sp}")
+
+
 def estimate(shape: ModelShape, zero: int = 0, offload: str = "none", nodes: int = 1, gpus_per_node: int = 1,
              seq_len: int = 1024, micro_batch: int = 1, checkpointing: bool = False, precision: str = "bf16",
-             device: str = "cuda") -> dict[str, Any]:
+             device: str = "cuda", tp: int = 1, sp: int = 1) -> dict[str, Any]:
+    """Per-GPU and per-node memory. Tensor parallelism: each GPU holds its `tensor_parallel_share`
+    and ZeRO partitions over the GPUs / tp data-parallel ranks. Sequence parallelism: the
+    parameters are whole on every rank of a group and ZeRO partitions over all GPUs (DeepSpeed's
+    Ulysses reduces over sequence and data ranks together); activations are seq_len/sp tokens."""
     if shape.positions and seq_len > shape.positions:
         raise UserError(f"--seq-len {seq_len} is longer than the model's {shape.positions} positions")
-    ms = model_states(shape.params, shape.largest_layer_params, zero, offload, nodes, gpus_per_node, precision)
-    act = activation_bytes(shape, seq_len, micro_batch, precision, checkpointing, device)
+    _check_layout(tp, sp, nodes, gpus_per_node, seq_len)
+    n, largest = tensor_parallel_share(shape, tp)
+    ms = model_states(n, largest, zero, offload, nodes, gpus_per_node // tp, precision)
+    ms.cpu_per_node, ms.nvme_per_node = ms.cpu_per_node * tp, ms.nvme_per_node * tp  # tp such groups per node
+    act = activation_bytes(shape, seq_len // sp, micro_batch, precision, checkpointing, device, tp)
     per_gpu = {"params": ms.params, "grads": ms.grads, "optimizer": ms.optimizer, "activations": act["total"]}
     per_gpu["total"] = sum(per_gpu.values())
     return {
         "params": shape.params,
         "largest_layer_params": shape.largest_layer_params,
-        "zero": zero, "offload": offload, "precision": precision,
+        "zero": zero, "offload": offload, "precision": precision, "tensor_parallel": tp, "sequence_parallel": sp,
+        "params_per_gpu_before_zero": n,
         "nodes": nodes, "gpus_per_node": gpus_per_node,
         "seq_len": seq_len, "micro_batch": micro_batch, "activation_checkpointing": checkpointing,
         "per_gpu_bytes": per_gpu,
@@ -331,6 +373,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=None, metavar="L", help="tokens per sequence (default 1024, or the model's positions if fewer)")
     parser.add_argument("--micro-batch", type=int, default=1, metavar="B", help="sequences per GPU per step (default 1)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in the backward")
+    parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (DeepSpeed AutoTP; Llama-family models)")
+    parser.add_argument("--sp", type=int, default=1, metavar="N", help="sequence-parallel ranks (DeepSpeed Ulysses)")
     parser.add_argument("--precision", default="bf16", metavar="P", help="fp32, fp16 or bf16 (default bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -348,13 +392,22 @@ def _act_parts(r: dict[str, Any]) -> str:
     return f"layers {act['layers'] / 2**30:.2f}, logits {act['logits'] / 2**30:.2f}"
 
 
+def _layout(r: dict[str, Any]) -> str:
+    gpus = r["nodes"] * r["gpus_per_node"]
+    if r["tensor_parallel"] > 1:
+        return f" (data parallel {gpus // r['tensor_parallel']} x tensor parallel {r['tensor_parallel']})"
+    if r["sequence_parallel"] > 1:
+        return f" (data parallel {gpus // r['sequence_parallel']} x sequence parallel {r['sequence_parallel']}: {r['seq_len'] // r['sequence_parallel']} tokens per GPU)"
+    return ""
+
+
 def format_report(name: str, r: dict[str, Any]) -> str:
     g = r["per_gpu_bytes"]
     gpus = r["nodes"] * r["gpus_per_node"]
     lines = [
         f"model: {name}, {r['params']:,} parameters (largest layer {r['largest_layer_params']:,})",
         f"setup: ZeRO-{r['zero']}, offload {r['offload']}, {r['precision']}, {r['nodes']} node(s) x "
-        f"{r['gpus_per_node']} GPU(s) = {gpus}, micro-batch {r['micro_batch']} x {r['seq_len']} tokens, "
+        f"{r['gpus_per_node']} GPU(s) = {gpus}{_layout(r)}, micro-batch {r['micro_batch']} x {r['seq_len']} tokens, "
         f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}",
         "per GPU:",
         f"  parameters   {_gib(g['params'])}",
@@ -392,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
         args.seq_len = min(1024, shape.positions or 1024)
     r = estimate(shape, zero=args.zero, offload=args.offload, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                  seq_len=args.seq_len, micro_batch=args.micro_batch, checkpointing=args.activation_checkpointing,
-                 precision=args.precision)
+                 precision=args.precision, tp=args.tp, sp=args.sp)
     if args.json:
         print(json.dumps({"preset": args.preset, **r}))
     else:

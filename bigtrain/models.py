@@ -30,6 +30,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
         rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
     ),
+    # Llama 2 7B and Llama 3.1 70B shapes (for `bigtrain estimate` and cluster runs; the vocabulary
+    # comes from the tokenizer, 128,256 when none is known).
+    "llama-7b": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        rope_theta=10000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    "llama-70b": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072,
+        rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
     # Llama 3.2 1B shape.
     "llama-1b": dict(
         model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -148,6 +148,22 @@ def check_model(cfg, hf_config, where_of) -> None:
                         "by AutoTP); use a Llama-family model such as model.preset=llama-tiny, or ZeRO alone")
 
 
+def check_model_before_launch(cfg, where_of) -> None:
+    """`check_model` on the model's config alone (no tokenizer yet): `train --nproc` runs it before
+    starting any rank."""
+    ds = cfg.deepspeed
+    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1:
+        return
+    from bigtrain.models import apply_overrides, load_pretrained_config, preset_config
+
+    if cfg.model.from_pretrained:
+        hf = load_pretrained_config(cfg.model.from_pretrained)
+        apply_overrides(hf, cfg.model.config)
+    else:
+        hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=None, where=where_of("model.preset"))
+    check_model(cfg, hf, where_of)
+
+
 def _first(obj, *names) -> Optional[int]:
     for name in names:
         value = getattr(obj, name, None)

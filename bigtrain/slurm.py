@@ -173,6 +173,11 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
         raise UserError(f"--template single-node runs on one node, but --nodes is {args.nodes} (use multinode or deepspeed)")
     world = args.nodes * ranks_per_node
     check_batch(cfg, world, lambda key: where_of(cfg, key))
+    tp = cfg.deepspeed.tensor_parallel
+    if tp > ranks_per_node:
+        print(f"warning: deepspeed.tensor_parallel={tp} is more than the {ranks_per_node} rank(s) of one node: every layer's "
+              "all-reduce would cross the network. Keep tensor parallelism inside a node (ZeRO or sequence parallelism across nodes)",
+              file=sys.stderr)
     _check_time(args)
 
     workdir, log_dir = _job_dirs(args, Path(cfg.output_dir))

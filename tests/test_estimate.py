@@ -335,9 +335,43 @@ def test_offload_moves_optimizer_from_gpu_to_cpu(zero, gpus, capsys):
     (["--preset", "tiny", "--seq-len", "0"], "--seq-len"),
     (["--preset", "tiny", "--seq-len", "4096"], "--seq-len"),  # past GPT-2's 1024 positions
     (["--preset", "tiny", "--micro-batch", "0"], "--micro-batch"),
+    (["--preset", "tiny", "--tp", "2", "--gpus-per-node", "2"], "--tp"),  # AutoTP refuses GPT-2
+    (["--preset", "llama-tiny", "--tp", "3", "--gpus-per-node", "8"], "--tp"),
+    (["--preset", "llama-tiny", "--tp", "16", "--nodes", "2", "--gpus-per-node", "8"], "--tp"),  # across nodes
+    (["--preset", "llama-tiny", "--sp", "3", "--gpus-per-node", "8"], "--sp"),
+    (["--preset", "llama-tiny", "--sp", "2", "--gpus-per-node", "2", "--seq-len", "1001"], "--seq-len"),
+    (["--preset", "llama-tiny", "--sp", "2", "--tp", "2", "--gpus-per-node", "4"], "--tp and --sp"),
+    (["--preset", "llama-tiny", "--tp", "0"], "--tp"),
 ])
 def test_bad_arguments_name_the_flag(argv, flag, capsys):
     with pytest.raises(UserError) as err:
         run_cli(argv, capsys)
     msg = str(err.value)
     assert flag in msg and "\n" not in msg
+
+
+def test_sequence_parallel_divides_activations_and_keeps_model_states(capsys):
+    """--sp 8: each GPU holds seq/8 tokens (activations of a seq/8 run), ZeRO still partitions
+    over all 64 GPUs (parameters, gradients and optimizer as without --sp)."""
+    base = ["--preset", "llama-70b", "--zero", "3", "--nodes", "8", "--gpus-per-node", "8", "--activation-checkpointing"]
+    long = run_json([*base, "--seq-len", "65536"], capsys)
+    split = run_json([*base, "--seq-len", "65536", "--sp", "8"], capsys)
+    short = run_json([*base, "--seq-len", "8192"], capsys)
+    assert split["per_gpu_bytes"]["activations"] == short["per_gpu_bytes"]["activations"] < long["per_gpu_bytes"]["activations"] / 7
+    for key in ("params", "grads", "optimizer"):
+        assert split["per_gpu_bytes"][key] == long["per_gpu_bytes"][key]
+
+
+def test_tensor_parallel_splits_the_linear_layers_and_their_activations(capsys):
+    """--tp 8 on 8 GPUs (data parallel 1): parameters per GPU drop to the embeddings plus 1/8 of
+    the linear layers; a layer's activations shrink but the norms' and the logits' do not."""
+    base = ["--preset", "llama-7b", "--zero", "1", "--gpus-per-node", "8", "--seq-len", "4096"]
+    one, tp = run_json(base, capsys), run_json([*base, "--tp", "8"], capsys)
+    shape = est.preset_shape("llama-7b")
+    embed = shape.vocab * shape.hidden
+    assert tp["params_per_gpu_before_zero"] == shape.params - shape.linear_params + shape.linear_params // 8
+    assert embed < tp["params_per_gpu_before_zero"] < one["params"] / 4
+    assert tp["per_gpu_bytes"]["params"] == 2 * tp["params_per_gpu_before_zero"]
+    a1, a8 = one["activation_bytes"], tp["activation_bytes"]
+    assert a8["logits"] == a1["logits"] and a8["outside_layers"] == a1["outside_layers"]
+    assert a1["one_layer"] / 4 < a8["one_layer"] < a1["one_layer"] / 2

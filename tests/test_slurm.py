@@ -117,6 +117,17 @@ def test_hostile_values_stay_literal(tmp_path, fake_slurm):
     assert (tmp_path / "out $(touch {})".format(marker) / "slurm" / "42").is_dir()  # the per-job log directory
 
 
+def test_render_passes_the_parallel_layout_and_warns_when_tensor_parallelism_leaves_a_node(tmp_path):
+    layout = ["model.preset=llama-tiny", "deepspeed.zero_stage=1", f"output_dir={tmp_path}/out"]
+    rc, text, err = slurm_here(["render", *layout, "deepspeed.tensor_parallel=8", "--nodes", "2", "--gpus-per-node", "8"], tmp_path)
+    assert rc == 0 and "deepspeed.tensor_parallel=8" in text and "warning" not in err, err
+    rc, text, err = slurm_here(["render", *layout, "deepspeed.tensor_parallel=8", "--nodes", "2", "--gpus-per-node", "4"], tmp_path)
+    assert rc == 0 and "deepspeed.tensor_parallel=8" in text
+    assert "warning: deepspeed.tensor_parallel=8 is more than the 4 rank(s) of one node" in err
+    rc, _, err = slurm_here(["render", *layout, "deepspeed.sequence_parallel=4", "--nodes", "1", "--gpus-per-node", "6"], tmp_path)
+    assert rc == 2 and "world size 6 does not divide into groups of 4" in err, err
+
+
 def test_exit_75_requeues(tmp_path, fake_slurm):
     script = tmp_path / "job.sbatch"
     r = slurm_here(["render", f"output_dir={tmp_path}/out", "--nodes", "2", "--gpus-per-node", "8", "--bigtrain", str(fake_slurm / "fake-cmd"), "-o", str(script)], tmp_path)
