@@ -161,6 +161,38 @@ def test_sequence_parallel_with_the_fused_kernel_on_packed_documents(cli, corpus
     assert all(abs(a[s][0] - b[s][0]) > 1e-3 for s in (1, 2, 3)), (a, b)
 
 
+def test_sequence_parallel_halves_each_ranks_activations(corpus, cache_dir, tmp_path):
+    """At 2,048 tokens, what one training forward saves for the backward on a rank (counted
+    tensor by tensor, tests/helpers/saved_activations.py): sp=2 holds at most 0.6x of sp=1, and
+    each is what `bigtrain estimate` predicts for its tokens per rank (within 6%: Ulysses keeps
+    its all-to-all outputs besides)."""
+    from common import REPO
+    from ranks import launch_ranks
+
+    from bigtrain import estimate as est
+    from bigtrain.models import preset_config
+
+    args = ["model.preset=llama-tiny", "data.vocab_size=512", "data.seq_len=2048", "train.micro_batch_size=1", "deepspeed.zero_stage=1",
+            f"data.train_files={corpus}", "train.progress=false"]
+    got = {}
+    for sp in (1, 2):
+        out = tmp_path / f"sp{sp}.json"
+        r = launch_ranks([REPO / "tests/helpers/saved_activations.py", out, *args, f"deepspeed.sequence_parallel={sp}",
+                          f"output_dir={tmp_path / str(sp)}"], nproc=sp, env_extra={"BIGTRAIN_CACHE": str(cache_dir)}, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[sp] = json.loads(out.read_text())
+    assert got[1]["tokens_per_rank"] == 2048 and got[2]["tokens_per_rank"] == 1024
+    ratio = got[2]["saved_bytes"] / got[1]["saved_bytes"]
+    print(f"\nsaved activations per rank at 2,048 tokens: sp=1 {got[1]['saved_bytes'] / 2**20:.1f} MiB, "
+          f"sp=2 {got[2]['saved_bytes'] / 2**20:.1f} MiB ({ratio:.3f}x)")
+    assert ratio <= 0.6, got
+    shape = est.model_shape(preset_config("llama-tiny", {}, vocab_size=512))
+    for sp, measured in got.items():
+        a = est.activation_bytes(shape, 2048 // sp, 1, "fp32", False, "cpu")
+        predicted = a["layers"] + a["outside_layers"] + (2048 // sp) * 4 * shape.vocab  # saved at the forward's end
+        assert abs(measured["saved_bytes"] - predicted) <= 0.06 * predicted, (sp, measured, predicted)
+
+
 # --------------------------------------------------------------------------- bad input (no ranks started)
 
 
