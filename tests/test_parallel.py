@@ -113,10 +113,12 @@ def test_estimate_counts_what_each_tensor_parallel_rank_holds(runs):
     assert r["params_per_gpu_before_zero"] == per_rank
 
 
-def test_resume_in_the_same_layout_is_exact(cli, runs, tmp_path):
-    run, _ = runs["tp2"]
+@pytest.mark.parametrize("name,extra", [("tp2", ["deepspeed.tensor_parallel=2"]),
+                                        ("sp2_z3", ["deepspeed.sequence_parallel=2", "deepspeed.zero_stage=3"])])
+def test_resume_in_the_same_layout_is_exact(cli, runs, tmp_path, name, extra):
+    run, _ = runs[name]
     out = tmp_path / "again"
-    r = cli(["train", *runs["args"], "train.micro_batch_size=4", "deepspeed.tensor_parallel=2", f"output_dir={out}",
+    r = cli(["train", *runs["args"], "train.micro_batch_size=4", *extra, f"output_dir={out}",
              "--resume", str(run / "checkpoints" / "step_00000002"), "--nproc", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = curve(out), curve(run)
