@@ -25,7 +25,7 @@ import yaml
 
 from bigtrain.errors import UserError
 
-TASKS = ("clm", "mlm", "classify", "token_classify")
+TASKS = ("clm", "mlm", "classify", "token_classify", "sft")
 LABELED_TASKS = ("classify", "token_classify")
 LABELED_FORMATS = ("tsv", "csv", "jsonl", "conll")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -76,6 +76,12 @@ class DataConfig:
     # whether all subwords of a chosen word are masked together.
     mlm_probability: float = 0.15
     whole_word_mask: bool = False
+    # sft (bigtrain/chat.py): which tokens the loss learns (assistant: the replies and their
+    # end-of-turn token; all: every token), and a conversation longer than seq_len
+    # (truncate: keep its first seq_len tokens; skip; error). data.mode=packed packs
+    # conversations apart from each other, line_by_line pads one per example.
+    train_on: str = "assistant"
+    on_long: str = "truncate"
     # Worker processes for tokenization (None: all cores).
     num_proc: Optional[int] = None
     # Weighted sources, a list of mappings {name, files, weight} (optional per source: text_field,
@@ -157,6 +163,14 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EvalConfig:
+    # sft: greedy replies to up to this many validation conversations (their last assistant
+    # turn), scored as eval_exact_match; 0 skips generation.
+    generate_examples: int = 16
+    max_new_tokens: int = 64
+
+
+@dataclass
 class Config:
     task: str = "clm"
     output_dir: str = "runs/default"
@@ -164,6 +178,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -514,11 +529,16 @@ def _validate_choices(cfg: Config, where_of) -> None:
     _check_choice(cfg.data.sample_by, ("document", "paragraph", "line"), "data.sample_by", where_of)
     _check_choice(cfg.data.on_decode_error, ("error", "replace"), "data.on_decode_error", where_of)
     _check_choice(cfg.data.on_bad_rows, ("error", "skip"), "data.on_bad_rows", where_of)
+    _check_choice(cfg.data.train_on, ("assistant", "all"), "data.train_on", where_of)
+    _check_choice(cfg.data.on_long, ("truncate", "skip", "error"), "data.on_long", where_of)
+    _check_range(cfg.eval.generate_examples, "eval.generate_examples", where_of, lo=0, hi=1 << 20)
+    _check_range(cfg.eval.max_new_tokens, "eval.max_new_tokens", where_of, lo=1, hi=1 << 16)
     if cfg.data.format is not None:
         _check_choice(cfg.data.format, LABELED_FORMATS, "data.format", where_of)
     _check_range(cfg.data.mlm_probability, "data.mlm_probability", where_of, lo=0.0, hi=1.0, lo_open=True)
     best = cfg.train.best_metric
     allowed = ("eval_loss", "eval_accuracy", "eval_f1") if cfg.task in LABELED_TASKS else ("eval_loss",) + (("eval_accuracy",) if cfg.task == "mlm" else ())
+    allowed += ("eval_exact_match",) if cfg.task == "sft" else ()
     if best is not None:
         _check_choice(best, allowed, "train.best_metric", where_of)
     _check_choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where_of)

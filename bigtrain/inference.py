@@ -77,6 +77,8 @@ def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print)
     model.to(device)
     if task in ("classify", "token_classify"):
         evaluator, described = _labeled_evaluator(task, cfg, files, model, tokenizer, names, log)
+    elif cfg.task == "sft" and task == "clm":
+        task, (evaluator, described) = "sft", _sft_evaluator(cfg, files, model, tokenizer)
     else:
         evaluator, described = _lm_evaluator(task, cfg, files, model_dir, tokenizer, log)
     evaluation = evaluator.evaluate(lambda batch: model(**batch), tasks.Comm(device=device))
@@ -105,6 +107,22 @@ def _labeled_evaluator(task: str, cfg, files: list, model, tokenizer, names: lis
     if not hasattr(model.config, "type_vocab_size"):
         evaluator.valid_set.token_type_ids = None
     return evaluator, {"file": str(files[0]), "examples": len(evaluator.valid_set)}
+
+
+def _sft_evaluator(cfg, files: list, model, tokenizer) -> tuple:
+    """task=sft on a causal LM: loss over assistant tokens and exact match of greedy replies. A
+    tokenizer without a chat template gets bigtrain's default (new tokens: the embedding grows,
+    their rows untrained, as for a model that was never chat-tuned)."""
+    from bigtrain.chat import SFTTask, conversations_of, ensure_template
+
+    if ensure_template(tokenizer) and model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    conversations = conversations_of([str(f) for f in files])
+    evaluator = SFTTask(cfg)
+    evaluator.load_validation(tokenizer, conversations)
+    return evaluator, {"files": [str(f) for f in files], "conversations": len(conversations)}
 
 
 def _lm_evaluator(task: str, cfg, files: list, model_dir: str, tokenizer, log) -> tuple:

@@ -59,6 +59,7 @@ TASK_HEADS = {
     "mlm": "AutoModelForMaskedLM",
     "classify": "AutoModelForSequenceClassification",
     "token_classify": "AutoModelForTokenClassification",
+    "sft": "AutoModelForCausalLM",
 }
 
 
@@ -290,7 +291,10 @@ def model_config(cfg, tokenizer, task):
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": bos, "pad_token_id": tokenizer.pad_token_id}
         hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((vocab + 63) // 64) * 64, where=where_of(cfg, "model.preset"), special_ids=ids)
-    if hf.vocab_size < vocab:
+    # task=sft may add its chat template's tokens to a pretrained model's tokenizer: the embedding
+    # grows to match (build_model resizes it). Any other mismatch is a wrong tokenizer.
+    grown = bool(getattr(task, "added_tokens", False)) and cfg.model.from_pretrained
+    if hf.vocab_size < vocab and not grown:
         raise UserError(f"{where_of(cfg, 'model.config')}: the tokenizer has {vocab} tokens but the model's embedding holds {hf.vocab_size} (model.config.vocab_size)")
     limit = position_limit(hf)
     if limit is not None and cfg.data.seq_len > limit:
@@ -339,6 +343,7 @@ def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, token
         model = head.from_pretrained(cfg.model.from_pretrained, config=hf_config, attn_implementation=attn, ignore_mismatched_sizes=labeled)
         if model.get_input_embeddings().weight.shape[0] < tokenizer_size:
             model.resize_token_embeddings(tokenizer_size)
+            hf_config.vocab_size = model.config.vocab_size  # checkpoints and the export save this config
     else:
         model = head.from_config(hf_config, attn_implementation=attn)
     if cfg.deepspeed.activation_checkpointing:

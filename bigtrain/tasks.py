@@ -574,4 +574,8 @@ def build_task(cfg):
     """The task object for cfg.task."""
     from bigtrain.config import LABELED_TASKS
 
+    if cfg.task == "sft":
+        from bigtrain.chat import SFTTask
+
+        return SFTTask(cfg)
     return LabeledTask(cfg) if cfg.task in LABELED_TASKS else LMTask(cfg)

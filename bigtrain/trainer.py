@@ -120,7 +120,7 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.global_batch = check_batch(cfg, self.env.world_size, lambda k: where_of(cfg, k))
         self.task = build_task(cfg)
-        self.task.segment_ids = cfg.task == "clm" and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
+        self.task.segment_ids = cfg.task in ("clm", "sft") and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
         self._before_group(resume, overwrite, trust_checkpoint)
         self._join_group()

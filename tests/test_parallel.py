@@ -148,8 +148,8 @@ def test_sequence_parallel_with_the_fused_kernel_on_packed_documents(cli, corpus
     several to a sequence (one per line of code): every rank's core gets the whole sequence's segment
     ids. sp=2 equals one process with the kernel; the kernel's document masking is really on
     (SDPA, which lets documents see each other, gives other losses on this data)."""
-    args = ["train", f"data.train_files={corpus}", *LLAMA, "data.sample_by=line", "model.config.num_hidden_layers=2",
-            "train.max_steps=3", "train.save_every=3", "train.eval_every=3", "train.micro_batch_size=4"]
+    args = ["train", f"data.train_files={corpus}", *LLAMA, "data.sample_by=line", "model.config.num_hidden_layers=1",
+            "train.max_steps=2", "train.save_every=2", "train.eval_every=2", "train.micro_batch_size=4"]
     kernel = {"TRITON_INTERPRET": "1"}
     runs = {}
     for name, extra, env in (("kernel", ["model.attn_implementation=bigtrain_triton"], kernel),
@@ -158,9 +158,9 @@ def test_sequence_parallel_with_the_fused_kernel_on_packed_documents(cli, corpus
         r = cli([*args, *extra, f"output_dir={tmp_path / name}"], env_extra=env, timeout=900)
         assert r.returncode == 0, (name, r.stderr[-3000:])
         runs[name] = tmp_path / name
-    assert_same_curve(runs["kernel_sp2"], runs["kernel"], steps=(1, 2, 3))
+    assert_same_curve(runs["kernel_sp2"], runs["kernel"], steps=(1, 2))
     a, b = curve(runs["kernel"]), curve(runs["sdpa"])
-    assert all(abs(a[s][0] - b[s][0]) > 1e-3 for s in (1, 2, 3)), (a, b)
+    assert all(abs(a[s][0] - b[s][0]) > 1e-3 for s in (1, 2)), (a, b)
 
 
 def test_sequence_parallel_halves_each_ranks_activations(corpus, cache_dir, tmp_path):
