@@ -121,14 +121,15 @@ def read_conversations(path: Path, limit: int = 1 << 26) -> list[Conversation]:
 # --------------------------------------------------------------------------- formatting and labels
 
 
-def ensure_template(tokenizer) -> bool:
+def ensure_template(tokenizer) -> list[int]:
     """Give a tokenizer without a chat template bigtrain's default (ChatML) and its special
-    tokens; returns True when tokens were added (the model's embedding must grow)."""
+    tokens; returns the ids of the tokens added (the model's embedding must grow), else []."""
     if getattr(tokenizer, "chat_template", None):
-        return False
+        return []
     tokenizer.chat_template = DEFAULT_TEMPLATE
-    added = tokenizer.add_special_tokens({"additional_special_tokens": DEFAULT_SPECIAL_TOKENS})
-    return added > 0
+    before = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": DEFAULT_SPECIAL_TOKENS})
+    return list(range(before, len(tokenizer)))
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool, where: str) -> str:

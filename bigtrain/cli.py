@@ -65,6 +65,7 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
     e.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file, e.g. 500MB or 5GB (default 5GB)")
     e.add_argument("--trust-checkpoint", action="store_true", help="read a checkpoint whose pickles need arbitrary classes (they can run code)")
+    e.add_argument("--adapter-only", action="store_true", help="a LoRA run: write peft's adapter directory instead of merged full weights")
 
     ev = sub.add_parser("eval", help="evaluate an exported model (any task) on a file: metrics printed and written as JSON",
                         description="Evaluate MODEL_DIR on data.valid_files (else data.train_files). The task and labels come from the model.")
@@ -239,7 +240,8 @@ def cmd_export(ns: argparse.Namespace) -> int:
     setup_accelerator()
     from bigtrain.export import export
 
-    out = export(ns.src, ns.out, overwrite=ns.overwrite, max_shard_bytes=parse_size(ns.max_shard_size, "--max-shard-size"), trust=ns.trust_checkpoint)
+    out = export(ns.src, ns.out, overwrite=ns.overwrite, max_shard_bytes=parse_size(ns.max_shard_size, "--max-shard-size"), trust=ns.trust_checkpoint,
+                 adapter_only=ns.adapter_only)
     print(out)
     return 0
 

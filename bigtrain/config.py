@@ -34,6 +34,18 @@ ATTN = ("auto", "bigtrain_triton", "sdpa", "eager")
 
 
 @dataclass
+class LoraConfig:
+    # LoRA adapters through peft (bigtrain/lora.py), for causal LMs (clm, sft): r > 0 turns them
+    # on, and then only the adapters train. alpha scales the update (alpha / r).
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.05
+    # Module names to adapt (None: peft's default for the model family: q_proj and v_proj for
+    # Llama, c_attn for GPT-2, ...).
+    target_modules: Optional[list] = None
+
+
+@dataclass
 class ModelConfig:
     preset: str = "tiny"
     # Overrides of the architecture (any field of the transformers config class), e.g. n_layer.
@@ -42,6 +54,7 @@ class ModelConfig:
     from_pretrained: Optional[str] = None
     # auto: bigtrain_triton on CUDA, sdpa on CPU.
     attn_implementation: str = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -320,6 +333,8 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 
 _SECTIONS = {
     "ModelConfig": ModelConfig,
+    "LoraConfig": LoraConfig,
+    "EvalConfig": EvalConfig,
     "DataConfig": DataConfig,
     "TrainConfig": TrainConfig,
     "DeepSpeedConfig": DeepSpeedConfig,
@@ -532,6 +547,15 @@ def _validate_choices(cfg: Config, where_of) -> None:
     _check_choice(cfg.data.train_on, ("assistant", "all"), "data.train_on", where_of)
     _check_choice(cfg.data.on_long, ("truncate", "skip", "error"), "data.on_long", where_of)
     _check_range(cfg.eval.generate_examples, "eval.generate_examples", where_of, lo=0, hi=1 << 20)
+    lora = cfg.model.lora
+    _check_range(lora.r, "model.lora.r", where_of, lo=0, hi=1 << 16)
+    _check_range(lora.alpha, "model.lora.alpha", where_of, lo=0.0, hi=1e6, lo_open=True)
+    _check_range(lora.dropout, "model.lora.dropout", where_of, lo=0.0, hi=0.99)
+    if lora.r > 0 and cfg.task not in ("clm", "sft"):
+        raise UserError(f"{where_of('model.lora.r')}: model.lora is for causal LMs (task=clm or sft), not task={cfg.task}")
+    if lora.target_modules is not None and (not isinstance(lora.target_modules, list) or not lora.target_modules
+                                            or not all(isinstance(m, str) and m for m in lora.target_modules)):
+        raise UserError(f"{where_of('model.lora.target_modules')}: 'model.lora.target_modules' must be a non-empty list of module names, got {_show(lora.target_modules)}")
     _check_range(cfg.eval.max_new_tokens, "eval.max_new_tokens", where_of, lo=1, hi=1 << 16)
     if cfg.data.format is not None:
         _check_choice(cfg.data.format, LABELED_FORMATS, "data.format", where_of)

@@ -47,6 +47,36 @@ def _universal_state_dict(ckpt: Path) -> dict:
     return {p.name: load_weights_only(p / "fp32.pt")["param"] for p in sorted(root.iterdir()) if (p / "fp32.pt").is_file()}
 
 
+def _export_lora(ckpt: Path, out: Path, config, state: dict, max_shard_bytes: int, adapter_only: bool) -> Path:
+    """A LoRA run: the wrapped model rebuilt from the checkpoint, then peft's merged weights (a
+    plain transformers model) or its adapter directory (adapter_config.json, adapter_model.safetensors)."""
+    from bigtrain.lora import rebuild
+
+    model = rebuild(config, state.get("task"), state["lora"], lazy_state_dict(ckpt))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))
+    try:
+        if adapter_only:
+            # A chat template's new tokens grew the embedding: the adapter directory carries it.
+            model.save_pretrained(str(tmp), save_embedding_layers=bool(state.get("resized_embedding")))
+        else:
+            merged = model.merge_and_unload()
+            weights = merged.state_dict()
+            _, tied, arch = _expected_keys(config, state.get("task"))
+            write_weights(weights, [k for k in weights if k not in tied], tmp, max_shard_bytes)
+            config.architectures, config.dtype = [arch], "float32"
+            config.save_pretrained(str(tmp))
+        for f in iter_checkpoint_files(ckpt / "hf"):
+            shutil.copy2(f, tmp / f.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
+    return out
+
+
 def model_class_for(config, task: str | None = None):
     """The transformers Auto class of the checkpoint's task (from trainer_state.json, else from
     the config's `architectures`)."""
@@ -120,7 +150,8 @@ def iter_checkpoint_files(hf: Path) -> Iterator[Path]:
             yield f
 
 
-def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, trust: bool = False) -> Path:
+def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, trust: bool = False,
+           adapter_only: bool = False) -> Path:
     """Write config.json, the weights (fp32 safetensors, sharded) and the tokenizer of `src` into `out_dir`.
 
     Everything is written to a temporary sibling directory first and renamed into place, so an
@@ -136,6 +167,11 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     from bigtrain.models import load_pretrained_config
 
     config = load_pretrained_config(str(hf), where="export")
+    state = read_state(ckpt)
+    if state.get("lora") or adapter_only:
+        if not state.get("lora"):
+            raise UserError(f"export --adapter-only: checkpoint {ckpt} has no LoRA adapters (model.lora.r was 0)")
+        return _export_lora(ckpt, out, config, state, max_shard_bytes, adapter_only)
     lazy = lazy_state_dict(ckpt)
     expected, tied, arch = _expected_keys(config, read_state(ckpt).get("task"))
     missing = sorted(expected - set(lazy) - tied)

@@ -315,7 +315,7 @@ def count_parameters_meta(task_name: str, hf_config) -> int:
         return sum(p.numel() for p in auto_class(task_name).from_config(hf_config).parameters())
 
 
-def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, tokenizer_size: int):
+def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, tokenizer_size: int, task=None):
     """The transformers model; returns (model, the HfDeepSpeedConfig to hold while ZeRO-3's
     zero.Init construction is on, or None)."""
     if attn == "bigtrain_triton":
@@ -348,4 +348,10 @@ def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, token
         model = head.from_config(hf_config, attn_implementation=attn)
     if cfg.deepspeed.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from bigtrain.config import where_of
+    from bigtrain.lora import lora_settings, wrap
+
+    settings = lora_settings(cfg, getattr(task, "added_tokens", None) if task is not None else None)
+    if settings is not None:
+        model = wrap(model, settings, where=where_of(cfg, "model.lora.target_modules"))
     return model, holder

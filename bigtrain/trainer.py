@@ -37,6 +37,7 @@ from bigtrain.config import Config, check_batch, dump_yaml, where_of
 from bigtrain.data import Prefetcher
 from bigtrain.engine import LossScaleWatch, build_ds_config, dist_env, init_distributed, initialize, precision_of, release_shm_buffers, setup_accelerator
 from bigtrain.errors import UserError
+from bigtrain.lora import count_trainable, lora_settings
 from bigtrain.metrics import RunLog, plot_loss_curve, setup_logging
 from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
 from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
@@ -145,12 +146,19 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         self.logger.info(
-            f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self.n_params / 1e6:.2f}M parameters), "
+            f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self._parameters_text()}), "
             f"{self.layout.describe()}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {self.task.describe()}"
         )
 
     # ------------------------------------------------------------------ building
+
+    def _parameters_text(self) -> str:
+        if self.lora is None:
+            return f"{self.n_params / 1e6:.2f}M parameters"
+        trainable, total = count_trainable(self.model)
+        return (f"LoRA r={self.lora['r']}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
+                f"({100 * trainable / max(total, 1):.2f}%)")
 
     def _before_group(self, resume: Optional[str], overwrite: bool, trust: bool = False) -> None:
         """Rank 0 checks the output directory and chooses the checkpoint (before anything is
@@ -208,8 +216,10 @@ class Trainer:
         torch.manual_seed(self.cfg.train.seed)
         check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k))
         self.attn = attn = attn_implementation(self.cfg.model.attn_implementation, self.on_cpu)
-        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, attn, self.task.labeled, len(self.tokenizer))
+        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, attn, self.task.labeled, len(self.tokenizer), self.task)
         self.n_params = count_parameters(self.model)
+        self.lora = lora_settings(self.cfg, getattr(self.task, "added_tokens", None))
+        self.resized_embedding = bool(getattr(self.task, "added_tokens", False)) and bool(self.cfg.model.from_pretrained)
 
     def _restore(self, trust: bool) -> None:
         ckpt = self.checkpointer.resume_from
@@ -392,6 +402,8 @@ class Trainer:
             "zero_stage": self.ds_config["zero_optimization"]["stage"],
             "precision": self.precision,
             "seed": self.cfg.train.seed,
+            "lora": self.lora,
+            "resized_embedding": self.resized_embedding,
         }
 
     def save(self) -> Path:
