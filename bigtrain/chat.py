@@ -460,3 +460,72 @@ def greedy(forward: Callable, prompt: list[int], stop: set, max_new: int, device
                 reply.append(nxt)
                 ids.append(nxt)
     return reply
+
+
+# --------------------------------------------------------------------------- bigtrain chat
+
+
+def chat_loop(model_dir: str, system: Optional[str], max_new_tokens: int, stdin, stdout) -> int:
+    """`bigtrain chat MODEL_DIR`: each line of input is a user turn; the reply is streamed as it
+    is generated (greedy), the conversation kept. On a terminal it prompts; otherwise it reads
+    stdin line by line and prints one reply per line, so it can be scripted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bigtrain.models import load_pretrained_config
+    from bigtrain.tokenizer import load_tokenizer
+
+    p = Path(model_dir)
+    if not (p / "config.json").is_file():
+        raise UserError(f"chat: {model_dir} is not a model directory (no config.json); export one with 'bigtrain export'")
+    if max_new_tokens < 1:
+        raise UserError(f"chat: --max-new-tokens must be >= 1, got {max_new_tokens}")
+    tok = load_tokenizer(str(p), where="chat")
+    if not getattr(tok, "chat_template", None):
+        raise UserError(f"chat: the tokenizer in {model_dir} has no chat template; fine-tune with task=sft first")
+    model = AutoModelForCausalLM.from_pretrained(str(p), config=load_pretrained_config(str(p), where="chat"), trust_remote_code=False).eval()
+    stop = sorted(stop_ids(tok))
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        ids = tok(render(tok, history, True, "chat"), add_special_tokens=False, return_tensors="pt").input_ids
+        streamer = _LineStreamer(tok, stdout, "model> " if interactive else "")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stop, pad_token_id=tok.pad_token_id or stop[0], streamer=streamer)
+        reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+class _LineStreamer:
+    """Writes the reply's text as tokens arrive (transformers' streamer protocol: put, end)."""
+
+    def __init__(self, tok, stdout, prefix: str) -> None:
+        self.tok, self.out, self.prefix = tok, stdout, prefix
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            self.out.write(self.prefix)
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tok.decode(self.ids, skip_special_tokens=True).replace("\n", " ")
+        self.out.write(text[self.shown:])
+        self.out.flush()
+        self.shown = len(text)
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()

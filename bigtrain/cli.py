@@ -90,6 +90,12 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+    c = sub.add_parser("chat", help="talk to a chat-tuned model (task=sft) on the terminal; reads stdin line by line when piped")
+    c.add_argument("model_dir", metavar="MODEL_DIR")
+    c.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+
+
 def _add_data_verbs(sub: argparse._SubParsersAction) -> None:
     """`data prepare` and `tokenizer train`."""
     d = sub.add_parser("data", help="data tools")
@@ -362,6 +368,12 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return cmd_generate(ns)
     if ns.verb == "eval":
         return cmd_eval(ns)
+    if ns.verb == "chat":
+        from bigtrain.chat import chat_loop
+        from bigtrain.engine import setup_accelerator
+
+        setup_accelerator()
+        return chat_loop(ns.model_dir, ns.system, ns.max_new_tokens, sys.stdin, sys.stdout)
     if ns.verb == "predict":
         return cmd_predict(ns)
     if ns.verb == "data":

@@ -123,9 +123,16 @@ class Trainer:
         self.task = build_task(cfg)
         self.task.segment_ids = cfg.task in ("clm", "sft") and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
-        self._before_group(resume, overwrite, trust_checkpoint)
-        self._join_group()
-        self._build_model()
+        try:
+            self._before_group(resume, overwrite, trust_checkpoint)
+            self._join_group()
+            self._build_model()
+        except BaseException:
+            # Bad data or a bad model found after the output directory was locked: give it back
+            # (a process that goes on, such as a test or a notebook, must not keep holding it).
+            if self.run_lock is not None:
+                self.run_lock.release()
+            raise
         mpu = register_sequence_parallel(self.model, self.attn, cfg)
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
         self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None

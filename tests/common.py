@@ -25,12 +25,13 @@ SMALL = [
 ]
 
 
-def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, BIGTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir())
+    return subprocess.run([sys.executable, "-m", "bigtrain", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=tempfile.gettempdir(),
+                          input=input if input is not None else "")
 
 
 
