@@ -182,9 +182,9 @@ def test_sft_teaches_a_pretrained_model_an_instruction_task(cli, base, tmp_path)
     model, chats = base
     sft = tmp_path / "sft"
     args = ["train", "task=sft", f"model.from_pretrained={model}", f"data.train_files={chats}", f"data.valid_files={chats}",
-            "data.seq_len=64", "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=10", "train.max_steps=300",
+            "data.seq_len=64", "train.micro_batch_size=8", "train.lr=3e-3", "train.warmup_steps=10", "train.max_steps=240",
             "train.weight_decay=0", "model.config.resid_pdrop=0", "model.config.embd_pdrop=0", "model.config.attn_pdrop=0",
-            "train.eval_every=300", "train.log_every=50", "train.progress=false", "eval.generate_examples=24", "eval.max_new_tokens=6",
+            "train.eval_every=240", "train.log_every=60", "train.progress=false", "eval.generate_examples=24", "eval.max_new_tokens=6",
             f"output_dir={sft}"]
     r = cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
