@@ -14,7 +14,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bigtrain.checkpoint import check_pickles, load_weights_only, read_state, resolve_checkpoint
 from bigtrain.errors import UserError
@@ -47,26 +47,15 @@ def _universal_state_dict(ckpt: Path) -> dict:
     return {p.name: load_weights_only(p / "fp32.pt")["param"] for p in sorted(root.iterdir()) if (p / "fp32.pt").is_file()}
 
 
-def _export_lora(ckpt: Path, out: Path, config, state: dict, max_shard_bytes: int, adapter_only: bool) -> Path:
-    """A LoRA run: the wrapped model rebuilt from the checkpoint, then peft's merged weights (a
-    plain transformers model) or its adapter directory (adapter_config.json, adapter_model.safetensors)."""
-    from bigtrain.lora import rebuild
-
-    model = rebuild(config, state.get("task"), state["lora"], lazy_state_dict(ckpt))
+def _write_model_dir(out: Path, hf: Path, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp)` writes the weights (and config) into a temporary sibling of `out`; the
+    checkpoint's tokenizer files join them and the whole directory is renamed into place, so an
+    interrupted export never leaves a half-written model where the old one was."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))
     try:
-        if adapter_only:
-            # A chat template's new tokens grew the embedding: the adapter directory carries it.
-            model.save_pretrained(str(tmp), save_embedding_layers=bool(state.get("resized_embedding")))
-        else:
-            merged = model.merge_and_unload()
-            weights = merged.state_dict()
-            _, tied, arch = _expected_keys(config, state.get("task"))
-            write_weights(weights, [k for k in weights if k not in tied], tmp, max_shard_bytes)
-            config.architectures, config.dtype = [arch], "float32"
-            config.save_pretrained(str(tmp))
-        for f in iter_checkpoint_files(ckpt / "hf"):
+        fill(tmp)
+        for f in iter_checkpoint_files(hf):
             shutil.copy2(f, tmp / f.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +64,27 @@ def _export_lora(ckpt: Path, out: Path, config, state: dict, max_shard_bytes: in
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     tmp.rename(out)
     return out
+
+
+def _export_lora(ckpt: Path, out: Path, config, state: dict, max_shard_bytes: int, adapter_only: bool) -> Path:
+    """A LoRA run: the wrapped model rebuilt from the checkpoint, then peft's merged weights (a
+    plain transformers model) or its adapter directory (adapter_config.json, adapter_model.safetensors)."""
+    from bigtrain.lora import rebuild
+
+    model = rebuild(config, state.get("task"), state["lora"], lazy_state_dict(ckpt))
+
+    def fill(tmp: Path) -> None:
+        if adapter_only:
+            # A chat template's new tokens grew the embedding: the adapter directory carries it.
+            model.save_pretrained(str(tmp), save_embedding_layers=bool(state.get("resized_embedding")))
+            return
+        weights = model.merge_and_unload().state_dict()
+        _, tied, arch = _expected_keys(config, state.get("task"))
+        write_weights(weights, [k for k in weights if k not in tied], tmp, max_shard_bytes)
+        config.architectures, config.dtype = [arch], "float32"
+        config.save_pretrained(str(tmp))
+
+    return _write_model_dir(out, ckpt / "hf", fill)
 
 
 def model_class_for(config, task: str | None = None):
@@ -179,19 +189,10 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     if missing or unexpected:
         raise UserError(f"export: checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     names = [k for k in lazy if k not in tied]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         write_weights(lazy, names, tmp, max_shard_bytes)
-        del lazy
         config.architectures, config.dtype = [arch], "float32"  # what the weights are
         config.save_pretrained(str(tmp))
-        for f in iter_checkpoint_files(hf):
-            shutil.copy2(f, tmp / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
-    return out
+
+    return _write_model_dir(out, hf, fill)

@@ -312,7 +312,7 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_error(code: int, err: str, *needles: str) -> None:
+def assert_one_error(code: int, err: str, *needles: str) -> None:
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("[", "Loading", "DeepSpeed"))]
     errors = [line for line in lines if line.startswith("error: ")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
@@ -326,8 +326,8 @@ def test_bad_chat_input_is_one_error_line(capsys, cli, base, tmp_path):
     bad.write_text(chats.read_text().splitlines()[0] + "\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     common = ["train", "task=sft", f"model.from_pretrained={model}", "data.seq_len=64", f"output_dir={tmp_path / 'o'}"]
     code, err = run_main(capsys, [*common, f"data.train_files={bad}"])
-    one_error(code, err, f"{bad}:2: the conversation has no assistant turn")
+    assert_one_error(code, err, f"{bad}:2: the conversation has no assistant turn")
     code, err = run_main(capsys, [*common, f"data.train_files={chats}", "task=mlm", "model.lora.r=8"])
-    one_error(code, err, "model.lora.r", "task=mlm")
+    assert_one_error(code, err, "model.lora.r", "task=mlm")
     r = cli([*common, f"data.train_files={chats}", "model.lora.r=8", "model.lora.target_modules=[q_proj]"])
-    one_error(r.returncode, r.stderr, "model.lora.target_modules", "q_proj match no module", "c_attn", "c_fc", "c_proj")
+    assert_one_error(r.returncode, r.stderr, "model.lora.target_modules", "q_proj match no module", "c_attn", "c_fc", "c_proj")

@@ -205,7 +205,7 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_error(code: int, err: str, *needles: str) -> None:
+def assert_one_error(code: int, err: str, *needles: str) -> None:
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for n in needles:
@@ -226,5 +226,5 @@ def one_error(code: int, err: str, *needles: str) -> None:
 def test_layouts_that_cannot_work_are_refused_before_any_rank_starts(capsys, tmp_path, overrides, nproc, needles):
     base = ["model.preset=llama-tiny", "deepspeed.zero_stage=1", f"output_dir={tmp_path / 'o'}"]
     code, err = run_main(capsys, ["train", *base, *overrides, "--nproc", str(nproc)])
-    one_error(code, err, *needles)
+    assert_one_error(code, err, *needles)
     assert not (tmp_path / "o").exists()
