@@ -393,6 +393,8 @@ class SFTTask:
 
         from bigtrain.tasks import Evaluation, rank_slices
 
+        if len(self.valid_indices) == 0:  # data.valid_fraction=0 and no valid_files
+            return Evaluation({})
         micro = self.cfg.train.micro_batch_size
         totals = torch.zeros(4, dtype=torch.float64, device=comm.device)  # loss x targets, targets, exact, asked
         with torch.no_grad():
