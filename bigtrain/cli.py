@@ -90,6 +90,10 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+    r = sub.add_parser("report", help="one self-contained HTML page about a run (curves, throughput, memory, skipped steps, checkpoints) and a summary")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("-o", "--output", default=None, metavar="FILE.html", help="where to write the page (default: RUN_DIR/report.html)")
+
     c = sub.add_parser("chat", help="talk to a chat-tuned model (task=sft) on the terminal; reads stdin line by line when piped")
     c.add_argument("model_dir", metavar="MODEL_DIR")
     c.add_argument("--system", default=None, metavar="TEXT", help="a system prompt for the conversation")
@@ -376,6 +380,11 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return chat_loop(ns.model_dir, ns.system, ns.max_new_tokens, sys.stdin, sys.stdout)
     if ns.verb == "predict":
         return cmd_predict(ns)
+    if ns.verb == "report":
+        from bigtrain.report import write_report
+
+        write_report(ns.run_dir, ns.output)
+        return 0
     if ns.verb == "data":
         if ns.data_verb not in ("prepare", "plan"):
             raise UserError("bigtrain data: expected a verb: prepare or plan (see 'bigtrain data --help')")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from bigtrain.errors import UserError
+from bigtrain.trackers import check_report_to
 
 TASKS = ("clm", "mlm", "classify", "token_classify", "sft")
 LABELED_TASKS = ("classify", "token_classify")
@@ -113,6 +114,33 @@ class DataConfig:
 
 
 @dataclass
+class WandbConfig:
+    # None: wandb's own environment variables (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME), else its
+    # defaults. WANDB_MODE=offline writes the run under output_dir/wandb (`wandb sync` uploads it).
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class MlflowConfig:
+    # MLFLOW_TRACKING_URI wins when set (MLflow's convention); None: a file store output_dir/mlruns.
+    tracking_uri: Optional[str] = None
+    # MLFLOW_EXPERIMENT_NAME wins when set.
+    experiment: str = "bigtrain"
+    # None: the output directory's name.
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ProfileConfig:
+    # torch.profiler traces of steps start .. start + steps - 1 on every rank, under
+    # output_dir/profile/ (and a CUDA memory snapshot); start 0: no profiling.
+    start: int = 0
+    steps: int = 2
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 16
     grad_accum: int = 1
@@ -150,6 +178,13 @@ class TrainConfig:
     # Print a short generated sample at the end (clm).
     sample_prompt: str = "def "
     sample_tokens: int = 48
+    # Where rank 0's metrics go besides metrics.jsonl (bigtrain/trackers.py): tensorboard, wandb, mlflow.
+    report_to: list = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # One device's peak TFLOP/s for the logged MFU (None: a table of GPUs; on CPU a measured matmul).
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -337,6 +372,9 @@ _SECTIONS = {
     "EvalConfig": EvalConfig,
     "DataConfig": DataConfig,
     "TrainConfig": TrainConfig,
+    "WandbConfig": WandbConfig,
+    "MlflowConfig": MlflowConfig,
+    "ProfileConfig": ProfileConfig,
     "DeepSpeedConfig": DeepSpeedConfig,
 }
 
@@ -610,6 +648,14 @@ def _validate_train_numbers(cfg: Config, where_of) -> None:
     _check_range(t.lock_stale_seconds, "train.lock_stale_seconds", where_of, lo=1.0, hi=1e7)
     if t.global_batch_size is not None:
         _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
+    if t.peak_tflops is not None:
+        _check_range(t.peak_tflops, "train.peak_tflops", where_of, lo=0.0, hi=1e9, lo_open=True)
+    _check_range(t.profile.start, "train.profile.start", where_of, lo=0, hi=1 << 40)
+    _check_range(t.profile.steps, "train.profile.steps", where_of, lo=1, hi=1 << 20)
+    last = t.profile.start + t.profile.steps - 1
+    if t.profile.start and last > t.max_steps:
+        raise UserError(f"{where_of('train.profile.start')}: train.profile covers steps {t.profile.start}-{last}, beyond train.max_steps={t.max_steps}")
+    check_report_to(t.report_to, where_of("train.report_to"))
 
 
 def _validate_deepspeed(cfg: Config, where_of) -> None:

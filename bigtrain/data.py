@@ -26,6 +26,7 @@ import shutil
 import sysconfig
 import tempfile
 import threading
+import time
 import queue
 from dataclasses import dataclass
 from pathlib import Path
@@ -580,6 +581,7 @@ class Prefetcher:
         self.make_batch, self.schedule, self.pin = make_batch, schedule, pin
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._position = position
+        self.wait_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -602,7 +604,9 @@ class Prefetcher:
             self._q.put((None, e))
 
     def next(self) -> list[dict]:
+        waited = time.perf_counter()
         pos, micro = self._q.get()
+        self.wait_s += time.perf_counter() - waited  # the time the loop waited for data (logged as data_wait)
         if pos is None:
             raise micro
         return micro

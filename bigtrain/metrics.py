@@ -1,6 +1,7 @@
-"""What a run tells: log lines, metrics.jsonl (one JSON object per line), TensorBoard, a progress
-bar and a loss-curve PNG, all from rank 0: records and the bar through `RunLog`, log lines through
-the logger `setup_logging` configures.
+"""What a run tells: log lines, metrics.jsonl (one JSON object per line), the trackers of
+train.report_to (TensorBoard, wandb, MLflow: bigtrain/trackers.py), a progress bar and a
+loss-curve PNG, all from rank 0: records and the bar through `RunLog`, log lines through the
+logger `setup_logging` configures.
 
 Log lines go through the standard `logging` module (logger "bigtrain"): rank 0 shows INFO and
 above, the other ranks only warnings and errors, prefixed with their rank. While the progress bar
@@ -13,8 +14,11 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional
+
+from bigtrain.flops import peak_memory
 
 logger = logging.getLogger("bigtrain")
 
@@ -52,15 +56,19 @@ def setup_logging(rank: int) -> logging.Logger:
 
 
 class RunLog:
-    """Rank 0's metrics.jsonl + TensorBoard and the progress bar (log lines: `setup_logging`)."""
+    """Rank 0's records (metrics.jsonl, then each tracker of train.report_to) and the progress
+    bar; log lines go through `setup_logging`'s logger."""
 
-    def __init__(self, output_dir: Path, rank: int, resume_step: Optional[int] = None) -> None:
+    def __init__(self, output_dir: Path, rank: int, resume_step: Optional[int] = None, trackers=None) -> None:
         self.rank = rank
         self.writer = MetricsWriter(output_dir, rank == 0, resume_step=resume_step)
+        self.trackers = trackers  # bigtrain.trackers.Trackers on rank 0, else None
         self.bar = None
 
     def record(self, record: dict) -> None:
         self.writer.write(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def open_bar(self, start: int, total: int, enabled: bool) -> None:
         if self.rank == 0 and enabled:
@@ -79,50 +87,84 @@ class RunLog:
             self.bar.close()
         self.bar = _handler.bar = None
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """status (MLflow's words): FINISHED, KILLED (preempted: to be resumed) or FAILED."""
         self.close_bar()
         self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close(status)
 
 
 class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, resume_step: Optional[int] = None) -> None:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
-        self._tb = None
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
             # Records past the checkpoint belong to the interrupted attempt: drop them.
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._file = open(self.path, "a", buffering=1)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
-        except Exception:  # noqa: BLE001 - TensorBoard is optional; metrics.jsonl is the record
-            self._tb = None
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self._file.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            step = record.get("step", 0)
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        if not self.enabled or self._file.closed:
-            return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        if self.enabled and not self._file.closed:
+            self._file.close()
+
+
+class StepMeter:
+    """The numbers that explain the steps since the last log, from host clocks alone (no device
+    read: the log step's own read-back has already waited for the device, so the average over
+    the interval is exact): step time, tokens/s, MFU, the fraction of time spent waiting for
+    data, peak memory. MFU follows bigtrain/flops.py (the convention `bench train` uses)."""
+
+    def __init__(self, tokens_per_step: int, world_size: int, cuda: bool, flops_per_token: float, peak_flops: Optional[float]) -> None:
+        self.tokens_per_step, self.world_size, self.cuda = tokens_per_step, world_size, cuda
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self._then: Optional[tuple] = None
+
+    def start(self, step: int, data_wait: float) -> None:
+        self._then = (time.perf_counter(), step, data_wait)
+
+    def measure(self, step: int, data_wait: float) -> dict:
+        """{step_time, tokens_per_s, mfu, data_wait, mem_*_gb} over the steps since `start` or
+        the last `measure`; data_wait is the loader's total wait so far (seconds)."""
+        now = time.perf_counter()
+        then, since, waited = self._then or (now, step, data_wait)
+        self._then = (now, step, data_wait)
+        elapsed = max(now - then, 1e-9)
+        steps = max(step - since, 1)
+        out = {"step_time": elapsed / steps, "tokens_per_s": self.tokens_per_step * steps / elapsed,
+               "data_wait": min(max((data_wait - waited) / elapsed, 0.0), 1.0)}
+        if self.peak_flops:
+            out["mfu"] = self.flops_per_token * out["tokens_per_s"] / self.world_size / self.peak_flops
+        out.update(peak_memory(self.cuda, reset=True))
+        return out
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line cut short by a crash counts as past any checkpoint (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """metrics.jsonl's records; a last line cut short (a run killed mid-write) is left out."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path) -> Optional[Path]:

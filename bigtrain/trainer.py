@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -37,19 +36,25 @@ from bigtrain.config import Config, check_batch, dump_yaml, where_of
 from bigtrain.data import Prefetcher
 from bigtrain.engine import LossScaleWatch, build_ds_config, dist_env, init_distributed, initialize, precision_of, release_shm_buffers, setup_accelerator
 from bigtrain.errors import UserError
+from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.metrics import RunLog, plot_loss_curve, setup_logging
+from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
 from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
+from bigtrain.profiling import StepProfiler
 from bigtrain.preemption import RANK_LOST_EXIT_CODE, StopSignal
 from bigtrain.runlock import RunLock
 from bigtrain.steps import Callback, DivergedError, HealthGuard, StepResult, StepRunner
 from bigtrain.tasks import Comm, Evaluation, build_task
+from bigtrain.trackers import RUN_IDS, Trackers
 from bigtrain.watchdog import RankLost, StepWatchdog, raise_if_rank_lost
 
 __all__ = ["Trainer", "Outcome", "Callback", "run_training", "run_trainer", "check_output_dir", "RANK_LOST_EXIT_CODE"]
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
+# What else a run writes into output_dir (--overwrite removes it all).
+OTHER_OUTPUTS = ("tensorboard", "model", "loss_curve.png", "ds_config.json", "eval_report.txt", "profile", "wandb", "mlruns",
+                 RUN_IDS, "report.html")
 # Exit code of a run stopped by SIGUSR1/SIGTERM or its time limit after saving a checkpoint
 # (EX_TEMPFAIL: "try again"): job scripts requeue on it.
 PREEMPTED_EXIT_CODE = 75
@@ -142,11 +147,14 @@ class Trainer:
         self.step, self.samples_seen = 0, 0
         if self.checkpointer.resume_from is not None:
             self._restore(trust_checkpoint)
+        self.profiler = self._profiler()
         self.runner = StepRunner(self.engine, self.device, self.callbacks)
         watch = LossScaleWatch.for_engine(self.engine, self.ds_config) if self.precision == "fp16" else None
         self.guard = HealthGuard(self.env.world_size, cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps,
                                  self.schedule.global_ids, watch)
-        self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None)
+        self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None,
+                          trackers=self._trackers(resume) if self.env.rank == 0 else None)
+        self.meter = self._meter()
         self.stop = StopSignal(self.env.world_size, self.on_cpu)
         self.comm = Comm(self.env.rank, self.env.world_size, self.device, data=(self.layout.dp_rank, self.layout.dp))
         if self.env.rank == 0:
@@ -167,6 +175,32 @@ class Trainer:
         return (f"LoRA r={self.lora['r']}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
                 f"({100 * trainable / max(total, 1):.2f}%)")
 
+    def _profiler(self) -> Optional[StepProfiler]:
+        p = self.cfg.train.profile
+        if not p.start:
+            return None
+        profiler = StepProfiler(p.start, p.steps, self.step + 1, self.output_dir, self.env.rank, not self.on_cpu, self.logger.info)
+        self.callbacks.append(profiler)
+        return profiler
+
+    def _meter(self) -> StepMeter:
+        """Step time, tokens/s, MFU, data wait and memory at each log (rank 0 measures the peak)."""
+        fpt = flops_per_token(self.n_params, self.hf_config, self.cfg.data.seq_len)
+        peak = None
+        if self.env.rank == 0:
+            try:
+                # On CPU a 512x512 matmul: a rough peak, measured in milliseconds.
+                peak, _ = device_peak_flops(not self.on_cpu, self.cfg.train.peak_tflops, "train.peak_tflops", n=512)
+            except UserError as e:
+                self.logger.info(f"MFU is not logged: {e}")
+        return StepMeter(self.global_batch * self.cfg.data.seq_len, self.env.world_size, not self.on_cpu, fpt, peak)
+
+    def _trackers(self, resume: Optional[str]) -> Trackers:
+        """Rank 0: train.report_to's trackers, given the resolved configuration as parameters; a
+        run started with --resume continues the trackers' runs of output_dir/trackers.json."""
+        params = {"bigtrain": self.cfg.to_dict(), "deepspeed": self.ds_config}
+        return Trackers(self.cfg.train.report_to, self.output_dir, params, self.cfg, resume is not None, self.logger.warning)
+
     def _before_group(self, resume: Optional[str], overwrite: bool, trust: bool = False) -> None:
         """Rank 0 checks the output directory and chooses the checkpoint (before anything is
         overwritten); data that every rank must check is read before any collective."""
@@ -183,7 +217,7 @@ class Trainer:
                 to_universal(chosen)
         self.task.prepare(self.env.rank, False, self.logger.info)
         if self.env.rank == 0 and overwrite and self.checkpointer.resume_from is None:
-            for name in RUN_MARKERS + ("tensorboard", "model", "loss_curve.png", "ds_config.json", "eval_report.txt"):
+            for name in RUN_MARKERS + OTHER_OUTPUTS:
                 p = self.output_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
@@ -254,7 +288,8 @@ class Trainer:
         self.stop.install()
         self.watchdog = self.stop.watchdog = StepWatchdog(self.env.rank, t.watchdog_factor, t.watchdog_min_seconds).start()
         self._losses: list = []  # (step, loss) read back but not yet logged
-        self._last_log = (time.perf_counter(), self.step)
+        self.loader = loader
+        self.meter.start(self.step, loader.wait_s)
         self._epochs = self.task.progress(self.samples_seen).get("source_epochs", {})
         self.last_eval: dict = {}
         for cb in self.callbacks:
@@ -278,6 +313,8 @@ class Trainer:
             self.watchdog.close()
             loader.close()
             self.log.close_bar()
+            if self.profiler is not None:
+                self.profiler.close()  # a run that stopped inside the window keeps what was traced
 
     def train_step(self, micro_batches: list[dict]) -> StepResult:
         """One optimizer step; its loss and verdict stay on the device (read in `after_step`)."""
@@ -357,11 +394,8 @@ class Trainer:
 
     def _log_losses(self, lr: float) -> None:
         """One record per step with train.log_every=1, else one with the mean since the last log."""
-        now = time.perf_counter()
-        then, since = self._last_log
-        tok_s = self.global_batch * self.cfg.data.seq_len * (self.step - since) / max(now - then, 1e-9)
-        self._last_log = (now, self.step)
-        extra = {"tokens_per_s": tok_s, "tokens": self.samples_seen * self.cfg.data.seq_len, **self._step_numbers()}
+        numbers = self.meter.measure(self.step, self.loader.wait_s)
+        extra = {**numbers, "tokens": self.samples_seen * self.cfg.data.seq_len, **self._step_numbers()}
         at = lambda step: self.task.progress(self.samples_seen - (self.step - step) * self.global_batch)  # noqa: E731
         if self.cfg.train.log_every == 1:
             for step, loss in self._losses:
@@ -369,8 +403,11 @@ class Trainer:
         elif self._losses:
             self.log.record({"step": self.step, "loss": sum(v for _, v in self._losses) / len(self._losses), "lr": lr, **extra, **at(self.step)})
         self._log_epochs()
+        bar = {"tok_s": f"{numbers['tokens_per_s']:,.0f}"}
+        if "mfu" in numbers:
+            bar["mfu"] = f"{100 * numbers['mfu']:.1f}%"
         if self._losses:
-            self.log.advance(loss=f"{self._losses[-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            self.log.advance(loss=f"{self._losses[-1][1]:.3f}", **bar)
         else:
             self.log.advance()
         self._losses = []
@@ -447,14 +484,15 @@ class Trainer:
         dist.barrier()
         return model_dir
 
-    def close(self) -> None:
-        """End the run in order on every rank: metrics closed, then the process group torn down
-        after a barrier. (Left to interpreter exit, gloo's threads could still be talking to a
-        rank that already exited, and the process aborted: "terminate called without an active
-        exception", seen after a preemption stop.)"""
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run in order on every rank: metrics and trackers closed (status: FINISHED,
+        KILLED for a preempted run, FAILED), then the process group torn down after a barrier.
+        (Left to interpreter exit, gloo's threads could still be talking to a rank that already
+        exited, and the process aborted: "terminate called without an active exception", seen
+        after a preemption stop.)"""
         import torch.distributed as dist
 
-        self.log.close()
+        self.log.close(status)
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -503,5 +541,5 @@ def run_trainer(trainer: Trainer) -> int:
         if "eval_ppl" in outcome.last_eval:
             trainer.logger.info(f"final validation loss {outcome.last_eval['eval_loss']:.4f}, perplexity {outcome.last_eval['eval_ppl']:.2f}")
         trainer.finish()
-    trainer.close()
+    trainer.close({"preempted": "KILLED", "diverged": "FAILED", "save_failed": "FAILED"}.get(outcome.status, "FINISHED"))
     return outcome.exit_code

@@ -148,7 +148,7 @@ def test_sequence_parallel_with_the_fused_kernel_on_packed_documents(cli, corpus
     ids. sp=2 equals one process with the kernel; the kernel's document masking is really on
     (SDPA, which lets documents see each other, gives other losses on this data)."""
     args = ["train", f"data.train_files={corpus}", *LLAMA, "data.sample_by=line", "model.config.num_hidden_layers=1",
-            "train.max_steps=2", "train.save_every=2", "train.eval_every=2", "train.micro_batch_size=2"]
+            "train.max_steps=2", "train.save_every=2", "train.eval_every=2", "train.eval_batches=1", "train.micro_batch_size=2"]
     kernel = {"TRITON_INTERPRET": "1"}
     runs = {}
     for name, extra, env in (("kernel", ["model.attn_implementation=bigtrain_triton"], kernel),

@@ -23,13 +23,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bigtrain.errors import UserError
+from bigtrain.flops import FLOP_FORMULA, device_peak_flops, flops_per_token, peak_memory
 from bigtrain.steps import Callback
 
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-FLOP_FORMULA = "6 x params + 12 x layers x hidden x seq_len FLOPs per token (attention not halved for causal)"
 NO_EVAL = 1 << 40
 
 
@@ -80,44 +79,8 @@ class StepTimer(Callback):
 
 
 def peak_memory_bytes(cuda: bool) -> int:
-    if cuda:
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def flops_per_token(n_params: int, hf_config, seq_len: int) -> float:
-    layers = getattr(hf_config, "n_layer", None) or hf_config.num_hidden_layers
-    hidden = getattr(hf_config, "n_embd", None) or hf_config.hidden_size
-    return 6.0 * n_params + 12.0 * layers * hidden * seq_len
-
-
-def device_peak_flops(cuda: bool, override_tflops: Optional[float]) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from)."""
-    if override_tflops:
-        return override_tflops * 1e12, "--peak-tflops"
-    if cuda:
-        import torch
-
-        name = torch.cuda.get_device_name()
-        for key, tf in PEAK_TFLOPS.items():
-            if key in name:
-                return tf * 1e12, f"{name}: {tf:g} TFLOP/s dense bf16 (table)"
-        raise UserError(f"bench train: no peak FLOP/s known for {name}; pass --peak-tflops")
-    import torch
-
-    a = torch.randn(1024, 1024)
-    b = torch.randn(1024, 1024)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = min(best, (time.perf_counter() - t) / 4)
-    return 2 * 1024**3 / best, f"CPU: measured fp32 1024x1024 matmul ({torch.get_num_threads()} threads)"
+    gb = peak_memory(cuda)
+    return int(1e9 * gb.get("mem_allocated_gb", gb.get("mem_rss_gb", 0.0)))
 
 
 # --------------------------------------------------------------------------- the two sides

@@ -43,7 +43,7 @@ def test_training_through_the_fused_kernel_with_packed_documents(cli, cache_dir,
     rows = [{"text": f"def f{i}(x):\n    return x * {i} + {i % 7}\n"} for i in range(600)]
     docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # No dropout anywhere: the kernel's attention dropout (Philox) has no plain-PyTorch twin.
-    common = [f"data.train_files={docs}", *SMALL, "data.seq_len=32", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_batches=1",
+    common = [f"data.train_files={docs}", *SMALL, "data.seq_len=32", "model.config.n_layer=1", f"train.max_steps={STEPS}", "train.log_every=1", "train.eval_batches=1",
               "model.config.attn_pdrop=0.0", "model.config.resid_pdrop=0.0", "model.config.embd_pdrop=0.0"]
     env = {"TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else {}
     fused, ref, crossing = tmp_path / "fused", tmp_path / "ref", tmp_path / "sdpa"
