@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from bigtrain import faults
 from bigtrain.errors import UserError
 
 CACHE_FORMAT = 2  # bump when the cached layout changes
@@ -591,6 +592,7 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 micro = [self.make_batch(idx, pos) for idx in self.schedule.micro_batches(pos)]
+                faults.data_delay()
                 if self.pin:
                     micro = [{k: v.pin_memory() for k, v in b.items()} for b in micro]
                 while not self._stop.is_set():

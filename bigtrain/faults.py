@@ -3,6 +3,8 @@
 `BIGTRAIN_FAULT` holds comma-separated faults; unset (always, outside tests) nothing happens.
   kill_in_save@S         SIGKILL rank 0 after every rank wrote checkpoint S, before it is sealed
   kill@S:R               SIGKILL rank R when step S starts
+  crash@S:R              rank R raises an exception nothing handles when step S starts (a crash
+                         that unwinds: atexit handlers run, unlike kill)
   hang@S:R:SECONDS       rank R sleeps SECONDS when step S starts (a stuck rank)
   nan_loss@S[+S2...]     the loss of steps S, S2, ... is NaN on every rank (a loss spike);
   nan_loss@S:R[:M]       ... on rank R only (and only its micro-batch M of the step)
@@ -11,6 +13,7 @@
   kill_in_prepare@T      SIGKILL the `bigtrain data prepare` process running task T, mid-task
   enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
                          small file system can be mounted for the test)
+  slow_data@MS           building each global batch takes MS milliseconds longer (slow storage)
 Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
 """
 
@@ -40,9 +43,17 @@ def at_step_start(step: int, rank: int) -> None:
     for args in faults.get("kill", []):
         if int(args[0]) == step and int(args[1]) == rank:
             os.kill(os.getpid(), signal.SIGKILL)
+    for args in faults.get("crash", []):
+        if int(args[0]) == step and int(args[1]) == rank:
+            raise RuntimeError(f"BIGTRAIN_FAULT crash@{step}:{rank}")
     for args in faults.get("hang", []):
         if int(args[0]) == step and int(args[1]) == rank:
             time.sleep(float(args[2]))
+
+
+def data_delay() -> None:
+    for args in _faults().get("slow_data", []):
+        time.sleep(float(args[0]) / 1000)
 
 
 def nan_loss_steps(kind: str = "nan_loss") -> dict[int, tuple]:

@@ -38,8 +38,11 @@ def device_peak_flops(cuda: bool, override_tflops: Optional[float], flag: str = 
             if key in name:
                 return tf * 1e12, f"{name}: {tf:g} TFLOP/s dense bf16 (table)"
         raise UserError(f"no peak FLOP/s known for {name}; pass {flag}")
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    # A private generator: the global one is the training's, and a resumed run must draw from it
+    # exactly what the straight run drew.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
     best = float("inf")
     for _ in range(5):
         t = time.perf_counter()

@@ -35,7 +35,7 @@ CHARTS = [
     ("Gradient norm", "global L2 norm", [("grad_norm", "grad norm")], True),
     ("Learning rate", "lr", [("lr", "lr")], False),
     ("Evaluation", "score", [("eval_accuracy", "accuracy"), ("eval_f1", "F1"), ("eval_exact_match", "exact match")], False),
-    ("Step time split", "fraction of wall time", [("data_wait", "waiting for data")], False),
+    ("Waiting for data", "fraction of wall time", [("data_wait", "data wait")], False),
 ]
 
 

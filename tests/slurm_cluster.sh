@@ -24,8 +24,17 @@ install_packages() {
     command -v apt-get >/dev/null || cannot "slurm-wlm/munge are not installed and there is no apt-get"
     echo "installing slurm-wlm and munge with apt-get" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >&2 || cannot "apt-get update failed"
-    apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2 || cannot "apt-get install slurm-wlm munge failed"
+    # The same lock as tests/chromium.sh's: two apt-get at once fail on dpkg's own lock.
+    (
+        flock 9
+        apt-get update -qq >&2 || exit 1
+        apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2 || exit 2
+    ) 9>/tmp/bigtrain-apt.lock
+    case $? in
+        0) ;;
+        1) cannot "apt-get update failed" ;;
+        *) cannot "apt-get install slurm-wlm munge failed" ;;
+    esac
 }
 
 start_munge() {
