@@ -37,9 +37,10 @@ def train(cli, corpus, out, stage: int, world: int, resume=None):
     return r
 
 
-# Down, up by two and up from one, across both partitioned stages (each pair's other stage
-# converts through the same code: DeepSpeed's ds_to_universal, then load_universal).
-@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 2, 4), (3, 1, 2)])
+# Up and down, one partitioned stage each (the other stage converts through the same code:
+# DeepSpeed's ds_to_universal, then load_universal). Four ranks would not add a code path and
+# cost the most on a 2-core machine; tests/test_parallel.py resumes a 4-rank run on one.
+@pytest.mark.parametrize("stage,before,after", [(2, 1, 2), (3, 2, 1)])
 def test_resume_at_another_world_size(cli, corpus, tmp_path_factory, stage, before, after):
     root = tmp_path_factory.getbasetemp() / f"ws-source-z{stage}-w{before}"
     if not (root / "metrics.jsonl").is_file():  # one uninterrupted source run per (stage, world size)
