@@ -9,8 +9,10 @@ Components, in the order they are built (`Trainer.__init__`):
   engine        deepspeed.initialize: ZeRO, precision, AdamW, warmup + cosine LR, clipping
   schedule      which samples each rank sees at each step (seeded, resumable to the sample)
   runner        one optimizer step: micro-batches through forward, backward, step (steps.py)
+  profiler      train.profile: torch.profiler traces of a window of steps (profiling.py)
   guard         non-finite steps, the fp16 loss scale: go on, skip or stop (steps.py)
-  log           log lines, metrics.jsonl, TensorBoard, the progress bar (metrics.py)
+  log           log lines, metrics.jsonl, the trackers of train.report_to, the progress bar (metrics.py, trackers.py)
+  meter         step time, tokens/s, MFU, data wait and memory at each log (metrics.py, flops.py)
   stop          preemption and time limits, agreed by all ranks (preemption.py)
 
 The loop (`Trainer.train`) follows one batch: prefetched from the memory-mapped blocks, moved to
