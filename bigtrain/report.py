@@ -17,7 +17,6 @@ import html
 import io
 import json
 import os
-import socket
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -100,35 +99,20 @@ def _checkpoints(root: Path) -> list[dict]:
 
 def run_status(path: Path, run: Run) -> str:
     """finished, running (pid ... on host), or stopped: how, as far as the files tell."""
-    from bigtrain.runlock import OWNER_NAME
+    from bigtrain.runlock import lock_owner
 
-    owner_file = path / OWNER_NAME
-    if owner_file.is_file():
-        try:
-            owner = json.loads(owner_file.read_text() or "{}")
-        except ValueError:
-            owner = {}
-        host, pid = owner.get("host"), owner.get("pid")
-        alive = host == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid)
-        fresh = host != socket.gethostname() and time.time() - float(owner.get("refreshed", 0)) < 120
-        if alive or fresh:
-            return f"running (pid {pid} on {host})"
-        return f"crashed or killed: its process (pid {pid} on {host}) is gone and left its lock; continue it with --resume auto"
+    held = lock_owner(path)
+    if held is not None:
+        owner, alive = held
+        if alive:
+            return f"running (pid {owner.get('pid')} on {owner.get('host')})"
+        return (f"crashed or killed: its process (pid {owner.get('pid')} on {owner.get('host')}) is gone and left its lock; "
+                "continue it with --resume auto")
     max_steps = (run.config.get("train") or {}).get("max_steps")
     last = max((r.get("step", 0) for r in run.records), default=0)
     if (path / "model").is_dir() and (max_steps is None or last >= max_steps):
         return "finished"
     return f"stopped at step {last} of {max_steps} (preempted, diverged or stopped; see its log); continue it with --resume auto"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------- numbers

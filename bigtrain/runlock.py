@@ -104,6 +104,16 @@ class RunLock:
             self._fd = -1
 
 
+def lock_owner(output_dir: Path, stale_after: float = 300.0) -> Optional[tuple[dict, bool]]:
+    """(the owner record, whether its run is alive) of output_dir's lock; None when no run holds it
+    (never taken, or released by an orderly end). For readers such as `bigtrain report`."""
+    path = Path(output_dir) / OWNER_NAME
+    if not path.is_file():
+        return None
+    info = _read(path)
+    return info, not _owner_gone(info, stale_after)
+
+
 def _read(path: Path) -> dict:
     try:
         info = json.loads(path.read_text() or "{}")

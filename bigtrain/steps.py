@@ -24,6 +24,7 @@ a diverged fp16 loss scale, a non-finite step that was applied anyway).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -106,8 +107,11 @@ class DivergedError(Exception):
 class StepRunner:
     """Micro-batches in; the step's loss and applied flag (on the device) out."""
 
-    def __init__(self, engine, device, callbacks: list) -> None:
+    def __init__(self, engine, device, callbacks: list, named_ranges: bool = False) -> None:
         self.engine, self.device, self.callbacks = engine, device, callbacks
+        # train.profile: name each part of the step in the trace (record_function); otherwise the
+        # step enters no range at all.
+        self.named_ranges = named_ranges
         self.skip = DeviceSkip.attach(engine, device)
         self.nan_steps = faults.nan_loss_steps()
         self.nan_grad_steps = faults.nan_loss_steps("nan_grad")
@@ -118,16 +122,14 @@ class StepRunner:
 
     def run(self, micro_batches: list[dict], step: int, position: int, forward: Callable[[dict], Any]) -> StepResult:
         import torch
-        from torch.autograd.profiler import record_function
 
+        named = _named_range if self.named_ranges else _no_range
         engine = self.engine
         lr = engine.optimizer.param_groups[0]["lr"]  # the lr this step uses (a host float)
         total = torch.zeros((), device=self.device)
         try:
             for m, batch in enumerate(micro_batches):
-                # The named ranges show each part in a profiler trace (train.profile); without a
-                # profiler running they cost a few microseconds.
-                with record_function("bigtrain.forward"):
+                with named("bigtrain.forward"):
                     loss = forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}).loss
                     if faults.nan_here(self.nan_steps, step, engine.global_rank, m):
                         loss = loss * float("nan")
@@ -135,12 +137,12 @@ class StepRunner:
                         loss = loss + 0.0 * torch.sqrt(0.0 * loss)  # the same value; its gradient is NaN
                 self.phase("forward")
                 boundary = engine.is_gradient_accumulation_boundary()
-                with record_function("bigtrain.backward"):
+                with named("bigtrain.backward"):
                     engine.backward(loss)
                     if boundary and self.skip is not None:
                         self.skip.check()
                 self.phase("backward")
-                with record_function("bigtrain.optimizer_step"):
+                with named("bigtrain.optimizer_step"):
                     engine.step()
                 self.phase("step")
                 total += loss.detach().float()
@@ -149,6 +151,16 @@ class StepRunner:
             raise
         applied = self.skip.applied() if self.skip is not None else engine.was_step_applied()
         return StepResult(step, position, total / len(micro_batches), applied, lr)
+
+
+def _named_range(name: str):
+    from torch.autograd.profiler import record_function
+
+    return record_function(name)
+
+
+def _no_range(name: str):
+    return contextlib.nullcontext()
 
 
 def raise_if_floor(error: Exception, step: int) -> None:

@@ -150,7 +150,7 @@ class Trainer:
         if self.checkpointer.resume_from is not None:
             self._restore(trust_checkpoint)
         self.profiler = self._profiler()
-        self.runner = StepRunner(self.engine, self.device, self.callbacks)
+        self.runner = StepRunner(self.engine, self.device, self.callbacks, named_ranges=self.profiler is not None)
         watch = LossScaleWatch.for_engine(self.engine, self.ds_config) if self.precision == "fp16" else None
         self.guard = HealthGuard(self.env.world_size, cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps,
                                  self.schedule.global_ids, watch)
