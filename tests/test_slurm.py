@@ -307,8 +307,8 @@ def job_args(cluster, cli, corpus, tmp_path_factory):
     return args
 
 
-def submit(args: list[str], out: Path, *extra: str) -> str:
-    r = slurm_cli(["submit", *args, f"output_dir={out}", "--nodes", "2", "--gpus-per-node", "0", *extra], out.parent)
+def submit(args: list[str], out: Path, *extra: str, env_extra: dict | None = None) -> str:
+    r = slurm_cli(["submit", *args, f"output_dir={out}", "--nodes", "2", "--gpus-per-node", "0", *extra], out.parent, env_extra=env_extra)
     assert r.returncode == 0, r.stdout + r.stderr
     job = r.stdout.strip()
     assert job.isdigit(), r.stdout
@@ -409,10 +409,12 @@ def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_
 @pytest.mark.slow
 def test_time_limit_saves_before_the_kill(job_args, tmp_path):
     """A 2-minute job with more training than fits: bigtrain saves and stops before the limit, then
-    requeues. (Slurm may send the signal up to 60 s early, so the grace leaves room for that.)"""
+    requeues. (Slurm may send the signal up to 60 s early, so the grace leaves room for that.)
+    Each batch arrives a second late (a fault that sleeps in the loader): the job waits out its
+    time limit nearly idle instead of training two ranks flat out."""
     out = tmp_path / "run"
     args = [a for a in job_args if not a.startswith("train.max_steps=")] + ["train.max_steps=100000"]
-    job = submit(args, out, "--time", "2:00", "--grace", "30")
+    job = submit(args, out, "--time", "2:00", "--grace", "30", env_extra={"BIGTRAIN_FAULT": "slow_data@1000"})
     log_dir = out / "slurm"
     try:
         wait_for("the job to stop and requeue", lambda: "requeueing job" in logs(log_dir, job)[0] or job_info(job).get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), 300)
