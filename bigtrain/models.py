@@ -319,7 +319,9 @@ def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, token
     """The transformers model; returns (model, the HfDeepSpeedConfig to hold while ZeRO-3's
     zero.Init construction is on, or None)."""
     if attn == "bigtrain_triton":
-        import bigtrain.kernels  # noqa: F401 - registers the attention function with transformers
+        import bigtrain.kernels  # registers the attention function with transformers
+
+        bigtrain.kernels.set_deterministic(cfg.model.attn_deterministic)
     # Import the model's module (and torch._dynamo, which transformers' masking pulls in)
     # before zero.Init patches tensor construction: importing them inside it fails.
     import torch._dynamo  # noqa: F401

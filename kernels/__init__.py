@@ -7,6 +7,7 @@ Public API::
     segment_ids_context(segment_ids)        # packed documents for transformers models
     register_with_transformers()            # explicit, idempotent registration
     flash_attn_dropout_mask(...), draw_dropout_seed()   # dropout debugging / tests
+    set_deterministic(flag)                 # default backward variant (model.attn_deterministic)
 
 Importing this package is cheap: it imports torch only. Triton is imported (and kernels
 compiled) on the first :func:`flash_attn` call. The transformers attention implementation
@@ -23,7 +24,7 @@ import importlib.machinery
 import sys
 from typing import Any
 
-from .attention import draw_dropout_seed, flash_attn, flash_attn_dropout_mask
+from .attention import draw_dropout_seed, flash_attn, flash_attn_dropout_mask, set_deterministic
 from .transformers_integration import (
     ATTN_IMPLEMENTATION,
     bigtrain_triton_attention,
@@ -41,6 +42,7 @@ __all__ = [
     "flash_attn_dropout_mask",
     "register_with_transformers",
     "segment_ids_context",
+    "set_deterministic",
 ]
 
 _WATCHED = ("transformers.modeling_utils", "transformers.masking_utils")

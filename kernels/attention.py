@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from types import ModuleType
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -44,34 +44,91 @@ def _kernels(device: torch.device) -> ModuleType:
     return _impl
 
 
-def draw_dropout_seed() -> int:
-    """The Philox seed :func:`flash_attn` uses for dropout, drawn from torch's default CPU generator.
-
-    Drawing it on the CPU generator keeps ``torch.manual_seed`` reproducibility and avoids a GPU
-    sync. ``torch.manual_seed(s); draw_dropout_seed()`` returns the seed a call to
-    :func:`flash_attn` right after ``torch.manual_seed(s)`` would use.
-    """
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+_DETERMINISTIC = False
 
 
-class _FlashAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                sm_scale: float, kpm: torch.Tensor | None, seg: torch.Tensor | None,
-                dmask: torch.Tensor | None, dropout_p: float, seed: int) -> torch.Tensor:
-        impl = _kernels(q.device)
-        out, lse = impl.forward(q, k, v, causal, sm_scale, kpm, seg, dmask, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, kpm, seg, dmask)
-        ctx.causal, ctx.sm_scale, ctx.dropout_p, ctx.seed = causal, sm_scale, dropout_p, seed
-        return out
+def set_deterministic(flag: bool) -> None:
+    """Default backward of :func:`flash_attn` when its ``deterministic`` argument is None:
+    True = the atomic-free two-kernel backward (bitwise repeatable), False = the faster one that
+    adds dQ with fp32 atomics. The trainer sets it from ``model.attn_deterministic``;
+    ``torch.use_deterministic_algorithms(True)`` also selects the deterministic one."""
+    global _DETERMINISTIC
+    _DETERMINISTIC = bool(flag)
 
-    @staticmethod
-    def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse, kpm, seg, dmask = ctx.saved_tensors
-        impl = _kernels(q.device)
-        dq, dk, dv = impl.backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, kpm, seg, dmask,
-                                   ctx.dropout_p, ctx.seed)
-        return dq, dk, dv, None, None, None, None, None, None, None
+
+def _deterministic(choice: bool | None) -> bool:
+    if choice is not None:
+        return bool(choice)
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+
+
+def _seed_tensor(device: torch.device) -> torch.Tensor:
+    # Drawn on the device's own generator: no host read (a CUDA draw never waits for the GPU) and
+    # traceable by torch.compile. On CPU this is torch's default generator.
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def draw_dropout_seed(device: torch.device | str = "cpu") -> int:
+    """The Philox seed :func:`flash_attn` uses for dropout, as an int (a debugging helper: it
+    reads the value back). ``torch.manual_seed(s); draw_dropout_seed(q.device)`` returns the seed
+    a call to :func:`flash_attn` on ``q`` right after ``torch.manual_seed(s)`` would use."""
+    return int(_seed_tensor(torch.device(device)).item())
+
+
+# The kernels as torch.library custom ops: torch.compile sees one opaque node per call (no graph
+# break; the fake implementations give it output shapes and strides without running Triton) and
+# autograd comes from the registered backward. Optional inputs are `Tensor?`.
+
+
+def _bshd_like(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # The kernels' output layout: (batch, heads, seq, dim) over (batch, seq, heads, dim) memory.
+    B, H, S, D = shape
+    return torch.empty_strided(shape, (S * H * D, D, H * D, 1), dtype=dtype, device=device)
+
+
+@torch.library.custom_op("bigtrain::flash_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
+            seg: Optional[torch.Tensor], dmask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+            causal: bool, sm_scale: float, dropout_p: float,
+            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels(q.device).forward(q, k, v, causal, sm_scale, kpm, seg, dmask, dropout_p, seed)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic):
+    B, HQ, SQ, D = q.shape
+    return _bshd_like(tuple(q.shape), q.dtype, q.device), q.new_empty((B * HQ, SQ), dtype=torch.float32)
+
+
+@torch.library.custom_op("bigtrain::flash_attn_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, kpm: Optional[torch.Tensor], seg: Optional[torch.Tensor],
+            dmask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool, sm_scale: float,
+            dropout_p: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels(q.device).backward(do, q, k, v, out, lse, causal, sm_scale, kpm, seg, dmask, dropout_p,
+                                       seed, deterministic)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, out, lse, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic):
+    return (_bshd_like(tuple(q.shape), q.dtype, q.device), _bshd_like(tuple(k.shape), k.dtype, k.device),
+            _bshd_like(tuple(v.shape), v.dtype, v.device))
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kpm, seg, dmask, seed)
+    ctx.args = (causal, sm_scale, dropout_p, deterministic)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx: Any, d_out: torch.Tensor, d_lse: Optional[torch.Tensor]) -> tuple:
+    q, k, v, out, lse, kpm, seg, dmask, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, kpm, seg, dmask, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
@@ -82,7 +139,7 @@ def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                 softmax_scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, dense_mask: torch.Tensor | None = None,
-                dropout_p: float = 0.0) -> torch.Tensor:
+                dropout_p: float = 0.0, deterministic: bool | None = None) -> torch.Tensor:
     """:func:`flash_attn` plus ``dense_mask``, a boolean (batch | 1, heads_q | 1, seq_q, seq_k)
     mask (True = attend). Used by the transformers adapter for mask patterns that are neither
     padding nor documents (e.g. sliding windows); it costs a (seq_q x seq_k) read per head."""
@@ -107,6 +164,8 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on the same device")
     sm_scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
+    if not sm_scale > 0.0:  # the kernels take the row maximum of unscaled scores
+        raise ValueError(f"softmax_scale must be > 0; got {softmax_scale}")
 
     kpm = None
     if key_padding_mask is not None:
@@ -129,13 +188,16 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
             raise ValueError(f"dense_mask must be (batch, heads, {SQ}, {SK}); got {tuple(dense_mask.shape)}")
         dmask = _as_uint8(dense_mask.to(q.device)).expand(B, HQ, SQ, SK)  # broadcast via 0 strides
 
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
-    return _FlashAttnFunction.apply(q, k, v, bool(causal), sm_scale, kpm, seg, dmask, float(dropout_p), seed)
+    seed = _seed_tensor(q.device) if dropout_p > 0.0 else None
+    out, _ = _fwd_op(q, k, v, kpm, seg, dmask, seed, bool(causal), sm_scale, float(dropout_p),
+                     _deterministic(deterministic))
+    return out
 
 
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                softmax_scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-               segment_ids: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+               segment_ids: torch.Tensor | None = None, dropout_p: float = 0.0,
+               deterministic: bool | None = None) -> torch.Tensor:
     """Fused scaled-dot-product attention (FlashAttention-2 algorithm, Triton kernels).
 
     Args:
@@ -148,6 +210,11 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
             only to tokens with the same id. Combines with ``causal`` and the padding mask.
         dropout_p: attention dropout probability. The mask is regenerated in the backward from a
             Philox seed (see :func:`draw_dropout_seed`), never stored.
+        deterministic: backward variant. False: dQ accumulated with fp32 atomics (5 matmuls per
+            tile pair, fastest; last bits of dQ may vary between runs). True: a separate dQ
+            kernel, no atomics, bitwise repeatable (7 matmuls). None (default): True if
+            :func:`set_deterministic` (``model.attn_deterministic``) or
+            ``torch.use_deterministic_algorithms`` asked for it, else False.
 
     Returns:
         Tensor of q's shape and dtype. Query rows that may attend to no key return zeros and
@@ -157,7 +224,8 @@ def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
     raises a ``RuntimeError`` pointing to ``model.attn_implementation=sdpa``.
     """
     return _flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                       key_padding_mask=key_padding_mask, segment_ids=segment_ids, dropout_p=dropout_p)
+                       key_padding_mask=key_padding_mask, segment_ids=segment_ids, dropout_p=dropout_p,
+                       deterministic=deterministic)
 
 
 def flash_attn_dropout_mask(batch: int, heads_q: int, seq_q: int, seq_k: int, dropout_p: float,
@@ -165,4 +233,5 @@ def flash_attn_dropout_mask(batch: int, heads_q: int, seq_q: int, seq_k: int, dr
     """Debug helper: the boolean keep-mask (batch, heads_q, seq_q, seq_k) that :func:`flash_attn`
     applies for this ``seed`` (True = kept; kept probabilities are scaled by 1 / (1 - p))."""
     device = torch.device(device)
-    return _kernels(device).dropout_mask(batch, heads_q, seq_q, seq_k, float(dropout_p), int(seed), device)
+    seed_t = torch.tensor([int(seed)], dtype=torch.int64, device=device)
+    return _kernels(device).dropout_mask(batch, heads_q, seq_q, seq_k, float(dropout_p), seed_t, device)

@@ -84,10 +84,17 @@ def bigtrain_triton_attention(
     scaling: float | None = None,
     is_causal: bool | None = None,
     segment_ids: torch.Tensor | None = None,
+    padding_free: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: (batch, heads, seq, dim) inputs, returns
-    ((batch, seq_q, heads_q, dim) output, None)."""
+    ((batch, seq_q, heads_q, dim) output, None).
+
+    ``padding_free=True`` (a forward keyword, like ``segment_ids``): the caller promises the
+    batch has no padding the segment ids do not already separate (the trainer's packed rows),
+    so a 2-D attention mask, passed only to keep transformers from inferring packing from
+    position ids, is not applied: the kernel then reads no padding mask at all, and its tiles
+    inside one document run unmasked."""
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"bigtrain_triton does not support `{unsupported}`; "
@@ -96,18 +103,18 @@ def bigtrain_triton_attention(
     q_len, k_len = query.shape[2], key.shape[2]
     causal = bool(causal) and q_len > 1  # one query token (decoding) sees the whole cache
 
+    if segment_ids is None:
+        segment_ids = _segment_ids_var.get()
     kpm = dense = None
     if attention_mask is not None:
         if attention_mask.dim() == 2:
-            kpm = attention_mask.bool()
+            kpm = None if padding_free and segment_ids is not None else attention_mask.bool()
         elif attention_mask.dim() == 4:
             dense = _bool_dense(attention_mask[:, :, :, :k_len])
             causal = False  # the dense mask already holds the pattern
         else:
             raise ValueError(f"unexpected attention_mask shape {tuple(attention_mask.shape)}")
 
-    if segment_ids is None:
-        segment_ids = _segment_ids_var.get()
     if segment_ids is not None and q_len != k_len:
         raise ValueError(
             f"segment_ids apply to self-attention over the whole sequence, but this call has "

@@ -36,34 +36,38 @@ def _sig(fn, ptr_types: dict[str, str], constexprs: dict[str, object]) -> dict[s
 
 
 def compile_all(arch: int, dtype: str, head_dim: int = 128, flags: dict | None = None) -> list[str]:
+    """Every kernel of one training step for `arch`: forward, preprocess, dK/dV with atomic dQ
+    (the default backward) and without, and the deterministic dQ kernel; tensor descriptors
+    on sm_90+ as at run time."""
     target = GPUTarget("cuda", arch, 32)
-    flags = flags or {}
     base = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, CAUSAL=True, HAS_KPM=True, HAS_SEG=True,
-                HAS_DMASK=False, HAS_DROPOUT=True, DOT_PREC="tf32")
-    base.update(flags)
+                HAS_DMASK=False, HAS_DROPOUT=True, DOT_PREC="tf32", USE_DESC=arch >= 90, I64=False)
+    base.update(flags or {})
     fp = f"*{dtype}"
+    masks = dict(KPM="*u8", SEG="*i32", SEGB="*i32", DMASK="*u8", SEED="*i64")
     done = []
-    for kind, fn, ptrs in [
-        ("fwd", ta._attn_fwd_kernel, dict(Q=fp, K=fp, V=fp, O=fp, LSE="*fp32", KPM="*u8", SEG="*i32", DMASK="*u8")),
-        ("dkdv", ta._attn_bwd_dkdv_kernel, dict(Q=fp, K=fp, V=fp, DO=fp, DK=fp, DV=fp, LSE="*fp32", DELTA="*fp32",
-                                                KPM="*u8", SEG="*i32", DMASK="*u8")),
-        ("dq", ta._attn_bwd_dq_kernel, dict(Q=fp, K=fp, V=fp, DO=fp, DQ=fp, LSE="*fp32", DELTA="*fp32",
-                                            KPM="*u8", SEG="*i32", DMASK="*u8")),
+    for kind, fn, ptrs, extra in [
+        ("fwd", ta._attn_fwd_kernel, dict(Q=fp, K=fp, V=fp, O=fp, LSE="*fp32", COUNT="*i32", **masks),
+         dict(COUNT_TILES=False)),
+        ("dkdv", ta._attn_bwd_dkdv_kernel, dict(Q=fp, K=fp, V=fp, DO=fp, DK=fp, DV=fp, DQ="*fp32", LSE="*fp32",
+                                                DELTA="*fp32", **masks), dict(ATOMIC_DQ=True)),
+        ("dkdv", ta._attn_bwd_dkdv_kernel, dict(Q=fp, K=fp, V=fp, DO=fp, DK=fp, DV=fp, DQ=fp, LSE="*fp32",
+                                                DELTA="*fp32", **masks), dict(ATOMIC_DQ=False)),
+        ("dq", ta._attn_bwd_dq_kernel, dict(Q=fp, K=fp, V=fp, DO=fp, DQ=fp, LSE="*fp32", DELTA="*fp32", **masks), {}),
     ]:
-        cfgs = ta._configs_for(kind, arch)
-        cfgs = ta._prune(cfgs, {}, BLOCK_D=head_dim)
+        cfgs = ta._prune(ta._configs_for(kind, arch), {}, BLOCK_D=head_dim)
         c = cfgs[0]
-        constexprs = dict(base, **c.kwargs)
+        constexprs = dict(base, **extra, **c.kwargs)
         src = ASTSource(fn=fn, signature=_sig(fn, ptrs, constexprs), constexprs=constexprs)
         t = time.time()
         k = triton.compile(src, target=target, options={"num_warps": c.num_warps, "num_stages": c.num_stages})
         smem = k.metadata.shared
-        done.append(f"sm_{arch} {dtype} d{head_dim} {kind} {c.kwargs} w{c.num_warps} s{c.num_stages}: "
-                    f"ok, shared={smem} B, {time.time() - t:.1f}s")
+        done.append(f"sm_{arch} {dtype} d{head_dim} {kind} {extra} {c.kwargs} w{c.num_warps} s{c.num_stages} "
+                    f"desc={base['USE_DESC']}: ok, shared={smem} B, {time.time() - t:.1f}s")
+    pre_c = dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64, I64=False)
     pre = ASTSource(fn=ta._bwd_preprocess_kernel,
-                    signature=_sig(ta._bwd_preprocess_kernel, dict(O=fp, DO=fp, DELTA="*fp32"),
-                                   dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64)),
-                    constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_M=64))
+                    signature=_sig(ta._bwd_preprocess_kernel, dict(O=fp, DO=fp, DELTA="*fp32"), pre_c),
+                    constexprs=pre_c)
     triton.compile(pre, target=target)
     done.append(f"sm_{arch} {dtype} preprocess: ok")
     return done

@@ -56,14 +56,15 @@ def _grads(out: torch.Tensor, inputs, do: torch.Tensor):
     return torch.autograd.grad(out, inputs, do)
 
 
-def check(b, hq, hk, sq, sk, d, causal, dtype, mask="", scale=None, transpose_q=False):
+def check(b, hq, hk, sq, sk, d, causal, dtype, mask="", scale=None, transpose_q=False, deterministic=None):
     q, k, v = _inputs(b, hq, hk, sq, sk, d, dtype)
     if transpose_q:  # non-contiguous, (batch, seq, heads, dim) memory as in transformers
         q = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     kpm, seg = _masks(mask, b, sq, sk)
     do = torch.randn(b, hq, sq, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, dtype)
 
-    out = flash_attn(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=kpm, segment_ids=seg)
+    out = flash_attn(q, k, v, causal=causal, softmax_scale=scale, key_padding_mask=kpm, segment_ids=seg,
+                     deterministic=deterministic)
     assert out.shape == q.shape and out.dtype == q.dtype
     g_out = _grads(out, (q, k, v), do)
 
@@ -88,6 +89,30 @@ def check(b, hq, hk, sq, sk, d, causal, dtype, mask="", scale=None, transpose_q=
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
+# The whole grid runs twice: the default backward (dQ by fp32 atomics) with masked pointer loads
+# and the interpreter's 64x32 tiles, and the deterministic backward (separate dQ kernel) with
+# tensor descriptors and 128x128 tiles, the Hopper default. On a GPU the autotuner picks tiles
+# and descriptors follow the architecture, so only the backward variant is switched there.
+VARIANTS = {"atomic": {}, "deterministic": {"BIGTRAIN_ATTN_TMA": "1", "tiles": (128, 128)}}
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request, monkeypatch):
+    from bigtrain.kernels import _triton_attention as ta
+
+    spec = dict(VARIANTS[request.param])
+    if not CUDA:
+        tiles = spec.pop("tiles", None)
+        if tiles:
+            monkeypatch.setattr(ta, "INTERPRET_BLOCK_M", tiles[0])
+            monkeypatch.setattr(ta, "INTERPRET_BLOCK_N", tiles[1])
+        for key, value in spec.items():
+            monkeypatch.setenv(key, value)
+    before = dict(ta.launches)
+    yield request.param
+    ran_dq = ta.launches.get("dq", 0) > before.get("dq", 0)
+    assert ran_dq == (request.param == "deterministic"), "the other backward variant ran"
+
 # (batch, heads_q, heads_kv, seq_q, seq_k, head_dim, causal, dtype, mask)
 GRID = [
     (2, 2, 2, 1, 1, 16, False, F32, ""),
@@ -111,8 +136,8 @@ GRID = [
 @pytest.mark.parametrize("b,hq,hk,sq,sk,d,causal,dtype,mask", GRID,
                          ids=[f"b{c[0]}h{c[1]}:{c[2]}-q{c[3]}k{c[4]}-d{c[5]}-{'c' if c[6] else 'nc'}-"
                               f"{str(c[7])[6:]}-{c[8] or 'nomask'}" for c in GRID])
-def test_against_float64_reference(b, hq, hk, sq, sk, d, causal, dtype, mask):
-    check(b, hq, hk, sq, sk, d, causal, dtype, mask)
+def test_against_float64_reference(variant, b, hq, hk, sq, sk, d, causal, dtype, mask):
+    check(b, hq, hk, sq, sk, d, causal, dtype, mask, deterministic=variant == "deterministic")
 
 
 def test_softmax_scale_and_noncontiguous_q():
@@ -213,10 +238,23 @@ def test_gpu_grid(b, hq, hk, sq, sk, d, causal, dtype, mask):
 def test_gpu_backward_is_deterministic():
     q, k, v = _inputs(2, 16, 4, 2048, 2048, 128, BF16)
     do = torch.randn_like(q)
-    g1 = _grads(flash_attn(q, k, v, causal=True), (q, k, v), do)
-    g2 = _grads(flash_attn(q, k, v, causal=True), (q, k, v), do)
+    g1 = _grads(flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), do)
+    g2 = _grads(flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), do)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
+    # The atomic backward agrees with it to bf16 rounding (only dQ's summation order differs),
+    # and its dK/dV are the same computation.
+    g3 = _grads(flash_attn(q, k, v, causal=True, deterministic=False), (q, k, v), do)
+    torch.testing.assert_close(g3[0].float(), g1[0].float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(g3[1], g1[1]) and torch.equal(g3[2], g1[2])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_packed_documents_both_backwards(deterministic):
+    # Packed documents (random boundaries, ~300 per 4k row), bf16, d128: against float64.
+    check(2, 8, 2, 4096, 4096, 128, True, BF16, "seg", deterministic=deterministic)
 
 
 @gpu
@@ -224,6 +262,22 @@ def test_gpu_backward_is_deterministic():
 def test_gpu_dropout_bf16_statistics():
     keep = flash_attn_dropout_mask(4, 16, 1024, 1024, 0.1, seed=99, device="cuda")
     assert abs(keep.float().mean().item() - 0.9) < 1e-3
+
+
+def test_set_deterministic_picks_the_backward():
+    # model.attn_deterministic reaches the kernels through set_deterministic (None = follow it).
+    from bigtrain.kernels import _triton_attention as ta
+    from bigtrain.kernels import set_deterministic
+
+    q, k, v = _inputs(1, 2, 1, 20, 20, 16, F32)
+    try:
+        for flag in (True, False):
+            set_deterministic(flag)
+            before = ta.launches.get("dq", 0)
+            flash_attn(q, k, v, causal=True).sum().backward()
+            assert (ta.launches.get("dq", 0) > before) == flag
+    finally:
+        set_deterministic(False)
 
 
 @pytest.mark.skipif(CUDA, reason="tile shapes are chosen by the autotuner on GPU")

@@ -119,6 +119,31 @@ def test_packed_documents_match_eager_block_diagonal(name):
              dict(input_ids=ids, attention_mask=ref_mask), valid=am.bool())
 
 
+def test_padding_free_drops_the_all_ones_mask(monkeypatch):
+    # The trainer's packed rows: all-ones attention_mask + segment_ids + padding_free=True. The
+    # kernel must get no padding mask (so no padding tile work), with unchanged results; without
+    # padding_free the same call still applies the mask.
+    from bigtrain.kernels import transformers_integration as ti
+
+    seen = []
+    real = ti._flash_attn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("key_padding_mask") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ti, "_flash_attn", spy)
+    ids, seg = _ids(), _documents()
+    ones = torch.ones_like(ids)
+    model = _model("llama", "bigtrain_triton")
+    a = model(input_ids=ids, attention_mask=ones, segment_ids=seg, padding_free=True).logits
+    assert seen and not any(seen)
+    seen.clear()
+    b = model(input_ids=ids, attention_mask=ones, segment_ids=seg).logits
+    assert seen and all(seen)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_segment_ids_context_equals_keyword():
     ids, seg = _ids(), _documents()
     model = _model("gpt2", "bigtrain_triton")

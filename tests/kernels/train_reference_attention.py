@@ -24,7 +24,7 @@ from attn_reference import attention_ref
 import bigtrain.kernels.transformers_integration as integration
 from bigtrain.cli import main
 
-stats = {"calls": 0, "calls_with_segments": 0, "max_segments_in_a_row": 0}
+stats = {"calls": 0, "calls_with_segments": 0, "max_segments_in_a_row": 0, "calls_with_padding_mask": 0}
 
 
 def reference_flash_attn(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None, segment_ids=None,
@@ -34,6 +34,7 @@ def reference_flash_attn(q, k, v, *, causal=False, softmax_scale=None, key_paddi
     if dense_mask is not None:
         raise AssertionError("this comparison covers the padding/causal/segment path, not dense masks")
     stats["calls"] += 1
+    stats["calls_with_padding_mask"] += key_padding_mask is not None
     if segment_ids is not None:
         stats["calls_with_segments"] += 1
         per_row = max(len(torch.unique(row)) for row in segment_ids)
