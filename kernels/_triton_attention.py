@@ -716,12 +716,9 @@ def _configs_for(kind: str, arch: int) -> list[triton.Config]:
         # Hopper (smaller tiles starve 8 warps' wgmma); 128x128 with 2 stages fits d128 in smem
         # (Q 32 KB + 2 x (K 32 KB + V 32 KB)), 3 stages is the autotuner's to try.
         table = {
-            "fwd": [_cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3),
-                    _cfg(128, 64, 4, 2), _cfg(64, 64, 4, 2)],
-            "dkdv": [_cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2),
-                     _cfg(32, 64, 4, 2), _cfg(32, 32, 4, 1)],
-            "dq": [_cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 2),
-                   _cfg(32, 32, 4, 1)],
+            "fwd": [_cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 2)],
+            "dkdv": [_cfg(64, 128, 8, 2), _cfg(128, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 2)],
+            "dq": [_cfg(128, 64, 8, 2), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 2)],
         }
     else:  # Ampere (A100: 164 KB smem) and consumer parts: smaller tiles, fewer stages.
         table = {

@@ -4,6 +4,13 @@ FLOPs are counted as FlashAttention does: forward = 4 * batch * heads * seq_q * 
 (two matmuls), halved when causal; backward = 2.5 x forward; forward+backward = 3.5 x forward.
 Heads = hidden / head_dim with hidden 2048 and batch = tokens / seq (16k tokens by default).
 
+`bigtrain_triton` is the default backward (dQ by fp32 atomics), `bigtrain_triton_det` the
+deterministic one (model.attn_deterministic). `--docs N` adds packed rows of N equal documents
+(segment ids) for the bigtrain backends only (SDPA has no document mask without a dense one);
+their FLOPs count only the attention the documents need, 4 * batch * heads * head_dim *
+sum(len_i^2) (halved if causal), so a kernel that skips cross-document tiles shows the same
+TFLOP/s as on one document and one that does not shows ~N times less.
+
 Without CUDA it runs a tiny smoke configuration under the Triton interpreter (TRITON_INTERPRET=1
 is set before Triton is imported): the numbers then only show that the harness works.
 """
@@ -19,7 +26,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 MODES = ("fwd", "bwd", "fwd+bwd")
-BACKENDS = ("bigtrain_triton", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "eager")
+BACKENDS = ("bigtrain_triton", "bigtrain_triton_det", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "eager")
 FLOP_NOTE = ("FLOPs as FlashAttention: fwd = 4*batch*heads*seq_q*seq_k*head_dim (halved if causal), "
              "bwd = 2.5 x fwd, fwd+bwd = 3.5 x fwd")
 
@@ -37,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--eager-max-seq", type=int, default=8192,
                         help="skip eager above this length (it materialises seq x seq scores)")
+    parser.add_argument("--docs", type=int, nargs="+", default=[1],
+                        help="documents per row (segment ids); >1 runs the bigtrain backends only")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -45,19 +54,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny configuration (the default without CUDA, under the Triton interpreter)")
 
 
-def _flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, mode: str) -> float:
-    f = 4.0 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
+def _flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, mode: str, docs: int = 1) -> float:
+    # N equal documents: N * (seq / N)^2 = seq^2 / N useful query-key pairs per row.
+    f = 4.0 * batch * heads * seq * seq / docs * head_dim * (0.5 if causal else 1.0)
     return f * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
-def _attention_fn(backend: str, causal: bool) -> Callable[..., Any] | None:
+def _attention_fn(backend: str, causal: bool, docs: int = 1) -> Callable[..., Any] | None:
     import torch
     import torch.nn.functional as F
 
-    if backend == "bigtrain_triton":
+    if backend.startswith("bigtrain_triton"):
         from bigtrain.kernels import flash_attn
 
-        return lambda q, k, v: flash_attn(q, k, v, causal=causal)
+        det = backend.endswith("_det")
+
+        def fused(q, k, v):
+            seg = None
+            if docs > 1:
+                seq = q.shape[2]
+                seg = (torch.arange(seq, device=q.device) * docs // seq)[None].expand(q.shape[0], seq)
+            return flash_attn(q, k, v, causal=causal, segment_ids=seg, deterministic=det)
+        return fused
+    if docs > 1:
+        return None
     if backend == "eager":
         def eager(q, k, v):
             s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
@@ -149,10 +169,12 @@ def run(args: argparse.Namespace) -> int:
         for causal in causals:
             for hd in plan.head_dims:
                 for seq in plan.seqlens:
-                    results += _bench_shape(plan, dt_name, causal, hd, seq)
+                    for docs in args.docs:
+                        results += _bench_shape(plan, dt_name, causal, hd, seq, docs)
+                        if args.json:  # after every shape: a run cut short keeps what it measured
+                            with open(args.json, "w") as f:
+                                json.dump({"env": env, "results": results}, f, indent=1)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         _plot(results, args.modes, args.plot, env)
@@ -165,7 +187,7 @@ def _plan(args: argparse.Namespace, smoke: bool, cuda_visible: bool) -> _Plan:
     if smoke:
         seqlens, head_dims, tokens, hidden = [64], [32], 64, 64
         dt_names = ["fp32"] if not cuda_visible else args.dtypes[:1]
-        backends = [b for b in args.backends if b in ("bigtrain_triton", "eager")] + (
+        backends = [b for b in args.backends if b in ("bigtrain_triton", "bigtrain_triton_det", "eager")] + (
             [] if cuda_visible else ["sdpa_math"])
         warmup, reps = 1, 1
     else:
@@ -197,12 +219,12 @@ def _print_header(env: dict[str, Any], smoke: bool, modes: list[str]) -> None:
     print(f"# bigtrain_triton autotuning: {'on' if env['autotune'] else 'off (BIGTRAIN_ATTN_AUTOTUNE=0)'}")
     if smoke:
         print("# smoke configuration: numbers are not performance figures")
-    header = f"{'dtype':5} {'causal':6} {'hdim':>4} {'seq':>6} {'batch':>5} {'heads':>5} {'backend':16} " + \
+    header = f"{'dtype':5} {'causal':6} {'hdim':>4} {'seq':>6} {'docs':>4} {'batch':>5} {'heads':>5} {'backend':19} " + \
         " ".join(f"{m + ' TF/s':>12}" for m in modes)
     print(header)
 
 
-def _bench_shape(plan: _Plan, dt_name: str, causal: bool, hd: int, seq: int) -> list[dict[str, Any]]:
+def _bench_shape(plan: _Plan, dt_name: str, causal: bool, hd: int, seq: int, docs: int = 1) -> list[dict[str, Any]]:
     """Every backend on one shape: a result row each, printed as a table line as it comes."""
     import torch
 
@@ -215,19 +237,21 @@ def _bench_shape(plan: _Plan, dt_name: str, causal: bool, hd: int, seq: int) -> 
     q, k, v = mk(), mk(), mk()
     rows = []
     for backend in plan.backends:
-        row = {"dtype": dt_name, "causal": causal, "head_dim": hd, "seq": seq, "batch": batch,
+        row = {"dtype": dt_name, "causal": causal, "head_dim": hd, "seq": seq, "docs": docs, "batch": batch,
                "heads": heads, "backend": backend}
-        fn = _attention_fn(backend, causal)
+        fn = _attention_fn(backend, causal, docs)
+        if fn is None and docs > 1:
+            continue
         for mode in plan.modes:
             tflops = None
             if fn is not None and not (backend == "eager" and seq > plan.eager_max_seq):
-                tflops, error = _measure_tflops(plan, fn, (q, k, v), mode, _flops(batch, heads, seq, hd, causal, mode))
+                tflops, error = _measure_tflops(plan, fn, (q, k, v), mode, _flops(batch, heads, seq, hd, causal, mode, docs))
                 if error is not None:
                     row[f"{mode}_error"] = error
             row[mode] = tflops
         rows.append(row)
         cells = " ".join(f"{row[m]:12.2f}" if row[m] is not None else f"{'-':>12}" for m in plan.modes)
-        print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {batch:5d} {heads:5d} {backend:16} {cells}", flush=True)
+        print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {docs:4d} {batch:5d} {heads:5d} {backend:19} {cells}", flush=True)
     return rows
 
 
@@ -264,12 +288,13 @@ def _plot(results: list[dict[str, Any]], modes: list[str], path: str, env: dict[
     for i, (dt, causal, hd) in enumerate(panels):
         for j, mode in enumerate(modes):
             ax = axes[i][j]
-            for backend in dict.fromkeys(r["backend"] for r in results):
+            for backend, docs in dict.fromkeys((r["backend"], r.get("docs", 1)) for r in results):
                 pts = [(r["seq"], r[mode]) for r in results if (r["dtype"], r["causal"], r["head_dim"],
-                                                                r["backend"]) == (dt, causal, hd, backend)
+                                                                r["backend"], r.get("docs", 1)) == (dt, causal, hd, backend, docs)
                        and r[mode] is not None]
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=backend)
+                    label = backend + (f", {docs} docs" if docs > 1 else "")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if docs == 1 else "s", label=label)
             ax.set_xscale("log", base=2)
             ax.set_title(f"{mode} {dt} {'causal' if causal else 'full'} d={hd}", fontsize=9)
             ax.set_xlabel("seq")
