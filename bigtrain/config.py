@@ -55,6 +55,9 @@ class ModelConfig:
     from_pretrained: Optional[str] = None
     # auto: bigtrain_triton on CUDA, sdpa on CPU.
     attn_implementation: str = "auto"
+    # bigtrain_triton's backward: false = dQ summed with fp32 atomics (fastest; dQ's last bits may
+    # vary run to run), true = a separate dQ kernel, bitwise repeatable (~40% more backward work).
+    attn_deterministic: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -183,8 +186,14 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    # Compile the model with torch.compile (inductor) through DeepSpeed's engine.compile(); the
+    # first training step and the first evaluation wait for the compilation (docs/hot-path.md).
+    compile: bool = False
     # One device's peak TFLOP/s for the logged MFU (None: a table of GPUs; on CPU a measured matmul).
     peak_tflops: Optional[float] = None
+    # clm/sft: compute the loss in chunks of tokens, never the full batch x seq x vocab fp32 logits
+    # (bigtrain/loss.py). auto: on when micro_batch_size x seq_len x vocab_size >= 2**26 (256 MiB).
+    chunked_loss: Union[bool, str] = "auto"
 
 
 @dataclass
@@ -650,6 +659,10 @@ def _validate_train_numbers(cfg: Config, where_of) -> None:
         _check_range(t.global_batch_size, "train.global_batch_size", where_of, lo=1, hi=1 << 40)
     if t.peak_tflops is not None:
         _check_range(t.peak_tflops, "train.peak_tflops", where_of, lo=0.0, hi=1e9, lo_open=True)
+    _check_choice(t.chunked_loss, ("auto", True, False), "train.chunked_loss", where_of)
+    if t.chunked_loss is True and (cfg.task not in ("clm", "sft") or cfg.deepspeed.sequence_parallel > 1):
+        why = f"task={cfg.task}" if cfg.task not in ("clm", "sft") else f"deepspeed.sequence_parallel={cfg.deepspeed.sequence_parallel} (it computes its own loss)"
+        raise UserError(f"{where_of('train.chunked_loss')}: train.chunked_loss=true is for the causal-LM loss of task=clm or sft, not {why}")
     _check_range(t.profile.start, "train.profile.start", where_of, lo=0, hi=1 << 40)
     _check_range(t.profile.steps, "train.profile.steps", where_of, lo=1, hi=1 << 20)
     last = t.profile.start + t.profile.steps - 1

@@ -7,6 +7,7 @@ Components, in the order they are built (`Trainer.__init__`):
   task          the data and everything else that differs per task: batches, labels, evaluation (tasks.py)
   model         transformers model from a preset or a local directory (models.py)
   engine        deepspeed.initialize: ZeRO, precision, AdamW, warmup + cosine LR, clipping
+  lm_loss       train.chunked_loss: the causal-LM loss in chunks of tokens, no full logits (loss.py)
   schedule      which samples each rank sees at each step (seeded, resumable to the sample)
   runner        one optimizer step: micro-batches through forward, backward, step (steps.py)
   profiler      train.profile: torch.profiler traces of a window of steps (profiling.py)
@@ -36,10 +37,12 @@ from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, check
 from bigtrain.checkpointer import Checkpointer
 from bigtrain.config import Config, check_batch, dump_yaml, where_of
 from bigtrain.data import Prefetcher
-from bigtrain.engine import LossScaleWatch, build_ds_config, dist_env, init_distributed, initialize, precision_of, release_shm_buffers, setup_accelerator
+from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, compile_summary, dist_env, init_distributed, initialize, precision_of,
+                             release_shm_buffers, setup_accelerator)
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
+from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
 from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
@@ -143,6 +146,11 @@ class Trainer:
         mpu = register_sequence_parallel(self.model, self.attn, cfg)
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
         self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None
+        self.lm_loss = self._lm_loss()
+        if cfg.train.compile:  # after the chunked-loss check's forward, so that runs eager and compiles nothing
+            compile_engine(self.engine)
+            self.logger.info("train.compile: the model is compiled with torch.compile (inductor, DeepSpeed's engine.compile()); "
+                             "the first step and the first evaluation wait for the compilation")
         # Ranks of one tensor- or sequence-parallel group hold the same samples: the schedule is
         # keyed by the data-parallel rank (bigtrain/parallel.py).
         self.schedule = self.task.schedule(self.global_batch, cfg.train.micro_batch_size, self.layout.dp, self.layout.dp_rank, cfg.train.seed)
@@ -176,6 +184,35 @@ class Trainer:
         trainable, total = count_trainable(self.model)
         return (f"LoRA r={self.lora['r']}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
                 f"({100 * trainable / max(total, 1):.2f}%)")
+
+    def _lm_loss(self) -> Optional[ChunkedLMLoss]:
+        """train.chunked_loss: the causal-LM loss in chunks of tokens (bigtrain/loss.py), checked
+        against the model's own logits by one short forward; None: the model's own loss."""
+        cfg, setting = self.cfg, self.cfg.train.chunked_loss
+        vocab = self.hf_config.vocab_size
+        if not chunked_loss_wanted(setting, cfg.task, cfg.train.micro_batch_size, cfg.data.seq_len, vocab, self.layout.sp):
+            return None
+        try:
+            lm_loss = ChunkedLMLoss.for_model(self.engine.module, vocab)
+            why = lm_loss.check(self.engine, self.device)
+            if why is not None:
+                lm_loss.close()
+        except (ValueError, AttributeError, NotImplementedError) as e:  # no lm_head or no decoder to hook
+            lm_loss, why = None, str(e)
+        if why is not None:
+            model = type(self.engine.module).__name__
+            if setting is True:
+                if self.run_lock is not None:
+                    self.run_lock.release()
+                raise UserError(f"{where_of(cfg, 'train.chunked_loss')}: train.chunked_loss=true, but {model} cannot use the chunked loss: {why}")
+            self.logger.info(f"causal-LM loss: full logits (train.chunked_loss=auto, but {model}: {why})")
+            return None
+        tokens, chunk = cfg.train.micro_batch_size * cfg.data.seq_len, lm_loss.chunk_tokens
+        mib = lambda n: f"{n * vocab * 4 / 2**20:,.1f} MiB"  # noqa: E731 - the fp32 logits of n tokens
+        what = (f"{mib(chunk)} of fp32 logits at a time instead of {mib(tokens)}" if chunk < tokens
+                else f"one chunk holds a micro-batch's {mib(tokens)} of fp32 logits")
+        self.logger.info(f"causal-LM loss: chunked (train.chunked_loss={str(setting).lower()}), {chunk} tokens per chunk: {what}")
+        return lm_loss
 
     def _profiler(self) -> Optional[StepProfiler]:
         p = self.cfg.train.profile
@@ -278,8 +315,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def forward(self, batch: dict):
+        if "segment_ids" in batch:
+            # Packed rows (bigtrain_triton): the documents' ids already keep any padding apart;
+            # the all-ones attention_mask only stops transformers inferring packing from
+            # position ids (a host read), so the kernel need not apply it.
+            batch = {**batch, "padding_free": True}
         if self.shard is not None:  # sequence parallel: this rank's slice of every sequence
             return self.shard(self.engine, batch)
+        if self.lm_loss is not None and "labels" in batch:  # train.chunked_loss: no full logits
+            return self.lm_loss(self.engine, batch)
         return self.engine(**batch)
 
     def train(self) -> Outcome:
@@ -312,6 +356,8 @@ class Trainer:
             raise_if_rank_lost(e, self.step + 1, self.env.rank, self.env.world_size)
             raise
         finally:
+            if t.compile:
+                self.logger.info(f"train.compile: {compile_summary()}")
             self.watchdog.close()
             loader.close()
             self.log.close_bar()
