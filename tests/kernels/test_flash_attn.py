@@ -182,8 +182,8 @@ def test_dropout_kept_fraction():
     assert not torch.equal(keep[0, 0], keep[0, 1])
 
 
-@pytest.mark.parametrize("causal,mask", [(False, "pad"), (True, "segpad")])
-def test_dropout_matches_reference_with_same_mask(causal, mask):
+@pytest.mark.parametrize("causal,mask,deterministic", [(False, "pad", False), (True, "segpad", True)])
+def test_dropout_matches_reference_with_same_mask(causal, mask, deterministic):
     b, hq, hk, s, d, p = 2, 4, 2, 70, 32, 0.2
     q, k, v = _inputs(b, hq, hk, s, s, d, F32)
     kpm, seg = _masks(mask, b, s, s)
@@ -192,7 +192,8 @@ def test_dropout_matches_reference_with_same_mask(causal, mask):
     seed = draw_dropout_seed()
     keep = flash_attn_dropout_mask(b, hq, s, s, p, seed=seed, device=DEVICE)
     torch.manual_seed(11)
-    out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, segment_ids=seg, dropout_p=p)
+    out = flash_attn(q, k, v, causal=causal, key_padding_mask=kpm, segment_ids=seg, dropout_p=p,
+                     deterministic=deterministic)  # both backwards regenerate the same mask
     ref = attention_ref(q, k, v, causal=causal, kpm=kpm, seg=seg, dropout_keep=keep, dropout_p=p,
                         dtype=torch.float64)
     for a, r in zip((out, *_grads(out, (q, k, v), do)), (ref, *_grads(ref, (q, k, v), do))):
