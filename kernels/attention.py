@@ -33,10 +33,12 @@ def _kernels(device: torch.device) -> ModuleType:
         if device.type != "cuda" and not _interpret_requested():
             raise RuntimeError(_SDPA_HINT + f" Got tensors on {device}.")
         try:
-            from . import _triton_attention
+            # By its installed name, also when this file was loaded as a top-level `kernels`
+            # (the repository root on sys.path): one kernel module, one set of settings.
+            import bigtrain.kernels._triton_attention as triton_attention
         except ImportError as e:  # no triton installed (e.g. macOS)
             raise RuntimeError(f"Triton is not available ({e}). " + _SDPA_HINT) from e
-        _impl = _triton_attention
+        _impl = triton_attention
     if _impl.INTERPRET and device.type != "cpu":
         raise RuntimeError("TRITON_INTERPRET=1 is set: the interpreter runs on CPU tensors only.")
     if not _impl.INTERPRET and device.type != "cuda":

@@ -26,7 +26,14 @@ SMALL = [
 
 
 def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | None = None, input: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, BIGTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1")
+    """`python -m bigtrain *args`, with one intra-op thread per process unless env_extra says otherwise.
+
+    The suite runs two pytest-xdist workers on 2 cores, so a single-process run shares the cores
+    with the other worker. With torch's default of one OpenMP thread per core, each small matmul's
+    parallel region then waits at its barrier for a descheduled thread: two of test_chat's SFT runs
+    side by side took 116 s each (0.3-0.6 s a step), 27 s each with one thread (0.09 s a step).
+    Multi-rank runs get cores // ranks threads per rank from the launcher, 1 here, as before."""
+    env = dict(os.environ, BIGTRAIN_CACHE=str(cache), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     env.update(env_extra or {})
