@@ -880,11 +880,14 @@ def _use_descriptors(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _opt_args(q: torch.Tensor, kpm: torch.Tensor | None, seg: torch.Tensor | None,
+def _opt_args(q: torch.Tensor, kpm: torch.Tensor | None, seg: torch.Tensor | None, segb: torch.Tensor | None,
               dmask: torch.Tensor | None, seed: torch.Tensor | None) -> tuple[list[Any], list[int]]:
-    """Pointers KPM, SEG, SEGB, DMASK, SEED (a dummy where absent) and the masks' strides."""
+    """Pointers KPM, SEG, SEGB, DMASK, SEED (a dummy where absent) and the masks' strides. `segb`:
+    the bounds of `seg` when the caller already has them (the custom op computes them once for the
+    forward and the backward)."""
     d = _dummy(q.device)
-    segb = segment_bounds(seg) if seg is not None else None
+    if seg is not None and segb is None:
+        segb = segment_bounds(seg)
     ptrs = [x if x is not None else d for x in (kpm, seg, segb, dmask, seed)]
     strides = [kpm.stride(0) if kpm is not None else 0, seg.stride(0) if seg is not None else 0]
     strides += list(dmask.stride()) if dmask is not None else [0, 0, 0, 0]
@@ -918,15 +921,15 @@ def _bshd(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.de
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
             kpm: torch.Tensor | None, seg: torch.Tensor | None, dmask: torch.Tensor | None,
-            dropout_p: float, seed: torch.Tensor | None,
-            count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            dropout_p: float, seed: torch.Tensor | None, count: torch.Tensor | None = None,
+            segb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (out, lse). `count`, when given (int32, query tiles x batch x heads), receives the
     number of key tiles each program visited."""
     B, HQ, SQ, D = q.shape
     HK, SK = k.shape[1], k.shape[2]
     o = _bshd((B, HQ, SQ, D), q.dtype, q.device)
     lse = torch.empty((B * HQ, SQ), dtype=torch.float32, device=q.device)
-    ptrs, ostr = _opt_args(q, kpm, seg, dmask, seed)
+    ptrs, ostr = _opt_args(q, kpm, seg, segb, dmask, seed)
     flags = _flags(q, causal, kpm, seg, dmask, dropout_p, _use_descriptors(k, v), _needs_i64(q, k, v, o, dmask))
     _launch("fwd", lambda meta: triton.cdiv(SQ, meta["BLOCK_M"]) * B * HQ,
             q, k, v, o, lse, *ptrs, count if count is not None else _dummy(q.device), sm_scale, dropout_p,
@@ -938,7 +941,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, causal: bool, sm_scale: float, kpm: torch.Tensor | None,
              seg: torch.Tensor | None, dmask: torch.Tensor | None, dropout_p: float,
-             seed: torch.Tensor | None, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             seed: torch.Tensor | None, deterministic: bool,
+             segb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, HQ, SQ, D = q.shape
     HK, SK = k.shape[1], k.shape[2]
     i64 = _needs_i64(q, k, v, o, do, dmask)
@@ -955,7 +959,7 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         dq.zero_()
     dk = _bshd((B, HK, SK, D), k.dtype, k.device)
     dv = _bshd((B, HK, SK, D), v.dtype, v.device)
-    ptrs, ostr = _opt_args(q, kpm, seg, dmask, seed)
+    ptrs, ostr = _opt_args(q, kpm, seg, segb, dmask, seed)
     tune = _tune_seq(SQ, SK)
     _launch("dkdv", lambda meta: triton.cdiv(SK, meta["BLOCK_N"]) * B * HK,
             q, k, v, do, dk, dv, dq, lse, delta, *ptrs, sm_scale, dropout_p,

@@ -90,44 +90,45 @@ def _bshd_like(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.
 
 @torch.library.custom_op("bigtrain::flash_attn_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: Optional[torch.Tensor],
-            seg: Optional[torch.Tensor], dmask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+            seg: Optional[torch.Tensor], segb: Optional[torch.Tensor], dmask: Optional[torch.Tensor],
+            seed: Optional[torch.Tensor],
             causal: bool, sm_scale: float, dropout_p: float,
             deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels(q.device).forward(q, k, v, causal, sm_scale, kpm, seg, dmask, dropout_p, seed)
+    return _kernels(q.device).forward(q, k, v, causal, sm_scale, kpm, seg, dmask, dropout_p, seed, segb=segb)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic):
+def _(q, k, v, kpm, seg, segb, dmask, seed, causal, sm_scale, dropout_p, deterministic):
     B, HQ, SQ, D = q.shape
     return _bshd_like(tuple(q.shape), q.dtype, q.device), q.new_empty((B * HQ, SQ), dtype=torch.float32)
 
 
 @torch.library.custom_op("bigtrain::flash_attn_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            lse: torch.Tensor, kpm: Optional[torch.Tensor], seg: Optional[torch.Tensor],
+            lse: torch.Tensor, kpm: Optional[torch.Tensor], seg: Optional[torch.Tensor], segb: Optional[torch.Tensor],
             dmask: Optional[torch.Tensor], seed: Optional[torch.Tensor], causal: bool, sm_scale: float,
             dropout_p: float, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _kernels(q.device).backward(do, q, k, v, out, lse, causal, sm_scale, kpm, seg, dmask, dropout_p,
-                                       seed, deterministic)
+                                       seed, deterministic, segb=segb)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, out, lse, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic):
+def _(do, q, k, v, out, lse, kpm, seg, segb, dmask, seed, causal, sm_scale, dropout_p, deterministic):
     return (_bshd_like(tuple(q.shape), q.dtype, q.device), _bshd_like(tuple(k.shape), k.dtype, k.device),
             _bshd_like(tuple(v.shape), v.dtype, v.device))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, kpm, seg, dmask, seed, causal, sm_scale, dropout_p, deterministic = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], kpm, seg, dmask, seed)
+    q, k, v, kpm, seg, segb, dmask, seed, causal, sm_scale, dropout_p, deterministic = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], kpm, seg, segb, dmask, seed)
     ctx.args = (causal, sm_scale, dropout_p, deterministic)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx: Any, d_out: torch.Tensor, d_lse: Optional[torch.Tensor]) -> tuple:
-    q, k, v, out, lse, kpm, seg, dmask, seed = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, kpm, seg, dmask, seed, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, kpm, seg, segb, dmask, seed = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(d_out, q, k, v, out, lse, kpm, seg, segb, dmask, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -191,7 +192,9 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
         dmask = _as_uint8(dense_mask.to(q.device)).expand(B, HQ, SQ, SK)  # broadcast via 0 strides
 
     seed = _seed_tensor(q.device) if dropout_p > 0.0 else None
-    out, _ = _fwd_op(q, k, v, kpm, seg, dmask, seed, bool(causal), sm_scale, float(dropout_p),
+    # Document bounds once per call, shared by the forward and the backward kernels.
+    segb = _kernels(q.device).segment_bounds(seg) if seg is not None else None
+    out, _ = _fwd_op(q, k, v, kpm, seg, segb, dmask, seed, bool(causal), sm_scale, float(dropout_p),
                      _deterministic(deterministic))
     return out
 

@@ -95,6 +95,21 @@ def _eager_mask(seg: torch.Tensor, am: torch.Tensor, causal: bool) -> torch.Tens
     return torch.zeros(ok.shape, device=seg.device).masked_fill(~ok, torch.finfo(torch.float32).min)
 
 
+def _spy_on_kernel_calls(monkeypatch, mask_kwarg: str) -> list[bool]:
+    """Records, per attention call, whether the kernel got `mask_kwarg` (not None)."""
+    from bigtrain.kernels import transformers_integration as ti
+
+    seen: list[bool] = []
+    real = ti._flash_attn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get(mask_kwarg) is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ti, "_flash_attn", spy)
+    return seen
+
+
 def test_registered_with_transformers():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -123,16 +138,7 @@ def test_padding_free_drops_the_all_ones_mask(monkeypatch):
     # The trainer's packed rows: all-ones attention_mask + segment_ids + padding_free=True. The
     # kernel must get no padding mask (so no padding tile work), with unchanged results; without
     # padding_free the same call still applies the mask.
-    from bigtrain.kernels import transformers_integration as ti
-
-    seen = []
-    real = ti._flash_attn
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("key_padding_mask") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ti, "_flash_attn", spy)
+    seen = _spy_on_kernel_calls(monkeypatch, "key_padding_mask")
     ids, seg = _ids(), _documents()
     ones = torch.ones_like(ids)
     model = _model("llama", "bigtrain_triton")
@@ -158,16 +164,7 @@ def test_segment_ids_context_equals_keyword():
 def test_packed_position_ids_dense_fallback_matches_eager(monkeypatch):
     # No attention_mask + per-document position_ids: transformers infers packing itself and our
     # mask function hands the kernel a dense mask; must still match eager.
-    from bigtrain.kernels import transformers_integration as ti
-
-    seen = []
-    real = ti._flash_attn
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("dense_mask") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ti, "_flash_attn", spy)
+    seen = _spy_on_kernel_calls(monkeypatch, "dense_mask")
     ids = _ids()
     pos = torch.tensor([list(range(10)) + list(range(14)), list(range(24))], device=DEVICE)
     kw = dict(input_ids=ids, position_ids=pos, use_cache=False)
