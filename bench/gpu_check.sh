@@ -24,8 +24,8 @@
 # could not run; steps 1-2 do not need them.
 #
 # bigtrain is not installed on the box: the script stages the package as pyproject.toml maps it
-# (bigtrain/, kernels/ -> bigtrain/kernels, ds_configs/, slurm/) under $OUTDIR/.stage and runs
-# everything from $OUTDIR so the source tree's bigtrain/ (without kernels/) cannot shadow it.
+# (bigtrain/ with its kernels, ds_configs/, slurm/) under $OUTDIR/.stage and runs everything from
+# $OUTDIR so the source tree's bigtrain/ (without the templates) cannot shadow it.
 # Knobs: BENCH_AUTOTUNE=0 benchmarks the first tile of each architecture's list instead of
 # autotuning (less compile time), BENCH_ARGS overrides the benchmark's arguments. Every step writes
 # its own result file as soon as it finishes, so a run cut short keeps what it measured.
@@ -50,7 +50,6 @@ fi
 STAGE="$OUT/.stage"
 rm -rf "$STAGE" && mkdir -p "$STAGE"
 cp -r "$REPO/bigtrain" "$STAGE/bigtrain"
-cp -r "$REPO/kernels" "$STAGE/bigtrain/kernels"
 [[ -d "$REPO/ds_configs" ]] && cp -r "$REPO/ds_configs" "$STAGE/bigtrain/ds_configs"
 [[ -d "$REPO/slurm" ]] && cp -r "$REPO/slurm" "$STAGE/bigtrain/slurm_templates"
 export PYTHONPATH="$STAGE"${PYTHONPATH:+:$PYTHONPATH}

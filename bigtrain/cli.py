@@ -51,6 +51,9 @@ def _add_train_verb(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML config and/or dotted overrides")
     t.add_argument("--nproc", type=int, help="start N local ranks on this machine (SIGUSR1/SIGTERM reach every rank: save and stop)")
+    t.add_argument("--stop-grace", type=float, default=None, metavar="SECONDS",
+                   help="with --nproc: ranks still running this long after a forwarded SIGUSR1/SIGTERM are killed "
+                   "(default 300: time to finish a step and save)")
     t.add_argument("--resume", metavar="auto|PATH", help="continue from the latest checkpoint (auto) or from PATH")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in output_dir")
     t.add_argument("--trust-checkpoint", action="store_true",
@@ -182,6 +185,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.nproc is not None and not under_launcher():
         if ns.nproc < 1:
             raise UserError(f"--nproc must be >= 1, got {ns.nproc}")
+        if ns.stop_grace is not None and not ns.stop_grace > 0:
+            raise UserError(f"--stop-grace must be > 0 seconds, got {ns.stop_grace}")
         # Check everything that can be checked before starting ranks, and tokenize once here.
         from bigtrain.engine import build_ds_config, setup_accelerator
         from bigtrain.parallel import check_model_before_launch
@@ -201,7 +206,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             argv.append("--overwrite")
         if ns.trust_checkpoint:
             argv.append("--trust-checkpoint")
-        return relaunch(ns.nproc, argv)
+        return relaunch(ns.nproc, argv, stop_grace=ns.stop_grace)
     from bigtrain.engine import leave
     from bigtrain.trainer import run_training
 

@@ -8,7 +8,10 @@ still works and is tested.)
 
 The parent's duties:
 - SIGUSR1 and SIGTERM sent to it reach every rank as SIGUSR1, so they finish the step, save a
-  checkpoint and exit with the preemption code.
+  checkpoint and exit with the preemption code. Ranks still running `stop_grace` seconds later
+  (default STOP_GRACE, `--stop-grace`) are killed, each named on stderr: a rank stuck in a
+  collective must not hold the allocation until the scheduler's time limit (torchrun's agent
+  escalates the same way).
 - When a rank dies, the others get time to notice (their next collective fails and they exit with
   the lost-rank code, naming the rank) before they are stopped (`_wait_all`).
 - The exit code is the most telling one among the ranks: a bigtrain code (2 bad input, 3 diverged,
@@ -28,6 +31,8 @@ from bigtrain.engine import free_port, has_cuda
 
 TERM_AFTER = 10.0
 GRACE_SECONDS = 60.0
+# After a forwarded stop signal: long enough to finish a step and write a checkpoint.
+STOP_GRACE = 300.0
 # Exit codes that say what happened, most specific first.
 TELLING_CODES = (2, 4, 5, 3, 75)
 
@@ -58,22 +63,24 @@ def exit_code(codes: list) -> int:
     return next((c if c is not None and c > 0 else 1 for c in codes if c != 0), 0)
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
+def relaunch(nproc: int, argv: list[str], stop_grace: float | None = None) -> int:
     """Start `nproc` ranks of `bigtrain <argv>` on this machine and wait for them."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-u", "-m", "bigtrain", *argv], env=rank_env(os.environ, r, nproc, port))
              for r in range(nproc)]
+    signalled: list[float] = []  # when the first stop signal was forwarded
 
     def forward(signum, frame) -> None:  # noqa: ARG001
         print(f"bigtrain: received {signal.Signals(signum).name}: asking every rank to finish its step, save and stop",
               file=sys.stderr, flush=True)
+        signalled[:] = signalled or [time.monotonic()]
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGUSR1)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     try:
-        return exit_code(_wait_all(procs))
+        return exit_code(_wait_all(procs, signalled, STOP_GRACE if stop_grace is None else stop_grace))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -82,15 +89,26 @@ def relaunch(nproc: int, argv: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def _wait_all(procs: list) -> list:
+def _kill_running(procs: list, why: str) -> list:
+    for rank, p in enumerate(procs):
+        if p.poll() is None:
+            print(f"bigtrain: rank {rank} (pid {p.pid}) still running {why}: killing it", file=sys.stderr, flush=True)
+            p.kill()
+    return [p.wait() for p in procs]
+
+
+def _wait_all(procs: list, signalled: list, stop_grace: float) -> list:
     """Wait for every rank. Once one has failed, the others get TERM_AFTER seconds to end by
     themselves, then SIGTERM (a stuck rank exits at once on it, see trainer.StopSignal), then
-    SIGKILL after GRACE_SECONDS."""
+    SIGKILL after GRACE_SECONDS. Once a stop signal was forwarded (`signalled` holds its time),
+    ranks still running after `stop_grace` seconds get SIGKILL."""
     failed_at, termed = None, False
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return codes
+        if signalled and time.monotonic() - signalled[0] > stop_grace:
+            return _kill_running(procs, f"{stop_grace:g}s after the stop signal")
         if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()
         waited = time.monotonic() - failed_at if failed_at is not None else 0.0
@@ -100,9 +118,5 @@ def _wait_all(procs: list) -> list:
                 if p.poll() is None:
                     p.terminate()
         if waited > GRACE_SECONDS:
-            for rank, p in enumerate(procs):
-                if p.poll() is None:
-                    print(f"bigtrain: rank {rank} still running {GRACE_SECONDS:.0f}s after another rank failed: killing it", file=sys.stderr, flush=True)
-                    p.kill()
-            return [p.wait() for p in procs]
+            return _kill_running(procs, f"{GRACE_SECONDS:.0f}s after another rank failed")
         time.sleep(0.1)

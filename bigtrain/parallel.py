@@ -187,15 +187,27 @@ def ds_config_entries(cfg) -> dict[str, Any]:
 
 def register_sequence_parallel(model, attn: str, cfg):
     """Ulysses around the model's core attention (`attn`, any transformers attention registry
-    entry: sdpa or bigtrain_triton); returns the mpu for deepspeed.initialize (None if sp=1)."""
+    entry: sdpa or bigtrain_triton). Returns (mpu for deepspeed.initialize or None if sp=1, undo).
+
+    DeepSpeed replaces `attn` in transformers' process-wide attention registry with its all-to-all
+    wrapper. Left there, every later model of this process that uses `attn` (rank 0's end-of-run
+    sample, an export check) would enter a collective that the other ranks never join and hang:
+    the trainer calls `undo()` when training is over, which puts the original function back."""
     sp = cfg.deepspeed.sequence_parallel
     if sp == 1:
-        return None
+        return None, lambda: None
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return UlyssesSPAttentionHF.register_with_transformers(
+    original = ALL_ATTENTION_FUNCTIONS[attn]
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=attn, sequence_parallel_size=sp,
         micro_batch_size=cfg.train.micro_batch_size, seq_length=cfg.data.seq_len, seq_length_is_variable=True)
+
+    def undo() -> None:
+        ALL_ATTENTION_FUNCTIONS[attn] = original
+
+    return mpu, undo
 
 
 class SequenceShard:

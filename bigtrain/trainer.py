@@ -143,7 +143,7 @@ class Trainer:
             if self.run_lock is not None:
                 self.run_lock.release()
             raise
-        mpu = register_sequence_parallel(self.model, self.attn, cfg)
+        mpu, self._unregister_sequence_parallel = register_sequence_parallel(self.model, self.attn, cfg)
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
         self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None
         self.lm_loss = self._lm_loss()
@@ -516,6 +516,8 @@ class Trainer:
         import torch.distributed as dist
 
         self.log.close()
+        # Export and sampling run on rank 0 alone: no sequence-parallel attention for them.
+        self._unregister_sequence_parallel()
         if self._hf_deepspeed_config is not None:
             # Export and sampling build plain models on rank 0 alone: switch transformers'
             # ZeRO-3 mode off, or their construction would wait on collectives.
@@ -541,6 +543,7 @@ class Trainer:
         import torch.distributed as dist
 
         self.log.close(status)
+        getattr(self, "_unregister_sequence_parallel", lambda: None)()  # also after a failed run (notebooks, tests)
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -91,13 +91,7 @@ def _uninstall_hook() -> None:
         sys.meta_path.remove(_hook)
 
 
-if __name__ != "bigtrain.kernels":
-    # The repository root is on sys.path and this directory was imported as top-level `kernels`
-    # (transformers probes the hub "kernels" library under that name). Register nothing from
-    # this copy: the registration must come from bigtrain.kernels alone, or the two copies'
-    # segment-id context variables would differ.
-    pass
-elif _transformers_ready():
+if _transformers_ready():
     register_with_transformers()
 else:
     sys.meta_path.insert(0, _hook)

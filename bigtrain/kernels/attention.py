@@ -33,9 +33,7 @@ def _kernels(device: torch.device) -> ModuleType:
         if device.type != "cuda" and not _interpret_requested():
             raise RuntimeError(_SDPA_HINT + f" Got tensors on {device}.")
         try:
-            # By its installed name, also when this file was loaded as a top-level `kernels`
-            # (the repository root on sys.path): one kernel module, one set of settings.
-            import bigtrain.kernels._triton_attention as triton_attention
+            from . import _triton_attention as triton_attention
         except ImportError as e:  # no triton installed (e.g. macOS)
             raise RuntimeError(f"Triton is not available ({e}). " + _SDPA_HINT) from e
         _impl = triton_attention
