@@ -1,16 +1,18 @@
 # The two commands: `make demo` trains the default model; `make test` runs every test.
 VENV ?= .venv
+BIGTRAIN_DEPS ?= pinned
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bigtrain-installed
 # Test files run in parallel (pytest-xdist), each file whole on one worker so its shared runs are made once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-latest pin setup clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup_env.sh
-	VENV=$(VENV) bash scripts/setup_env.sh
+# Installs the pinned set (constraints.txt); BIGTRAIN_DEPS=latest installs the newest releases.
+$(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh
+	VENV=$(VENV) BIGTRAIN_DEPS=$(BIGTRAIN_DEPS) bash scripts/setup_env.sh
 	touch $(STAMP)
 
 demo: setup
@@ -19,6 +21,14 @@ demo: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+
+# The suite against the newest release of every dependency (torch excepted), in its own .venv-latest.
+test-latest:
+	$(MAKE) test VENV=.venv-latest BIGTRAIN_DEPS=latest
+
+# After a green run: write constraints.txt from that environment (make pin VENV=.venv-latest).
+pin:
+	VENV=$(VENV) bash scripts/pin_deps.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -63,11 +63,16 @@ def exit_code(codes: list) -> int:
     return next((c if c is not None and c > 0 else 1 for c in codes if c != 0), 0)
 
 
+def start_rank(argv: list[str], env: dict) -> subprocess.Popen:
+    """One rank: `python -u -m bigtrain <argv>` with the rank's environment. (The test suite's
+    fork server replaces this in the launchers it forks, tests/forkserver.py.)"""
+    return subprocess.Popen([sys.executable, "-u", "-m", "bigtrain", *argv], env=env)
+
+
 def relaunch(nproc: int, argv: list[str], stop_grace: float | None = None) -> int:
     """Start `nproc` ranks of `bigtrain <argv>` on this machine and wait for them."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-u", "-m", "bigtrain", *argv], env=rank_env(os.environ, r, nproc, port))
-             for r in range(nproc)]
+    procs = [start_rank(argv, rank_env(os.environ, r, nproc, port)) for r in range(nproc)]
     signalled: list[float] = []  # when the first stop signal was forwarded
 
     def forward(signum, frame) -> None:  # noqa: ARG001

@@ -2,26 +2,40 @@
 # Create or update .venv with bigtrain and its dependencies. Used by `make demo` and `make test`.
 # On a machine without a GPU, where torch is missing, a CPU build of torch is installed first:
 # a plain `pip install torch` would pull a multi-GB CUDA build. GPU users keep their own torch.
+#
+# Every other package takes its version from constraints.txt (the set a green `make test` used),
+# so a clone keeps working whatever is released upstream. BIGTRAIN_DEPS=latest (`make test-latest`,
+# in its own .venv-latest) takes the newest release of everything instead, torch excepted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
 [ -x "$PY" ] || python3 -m venv "$VENV"
-PIP=("$PY" -m pip install -q --disable-pip-version-check)
+TORCH_PIN=$(grep '^torch==' constraints.txt)
+CONSTRAINTS="$VENV/constraints.txt"
+PIP=("$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS")
+case "${BIGTRAIN_DEPS:-pinned}" in
+  pinned) grep -v '^torch==' constraints.txt > "$CONSTRAINTS" ;;
+  latest) : > "$CONSTRAINTS"; PIP+=(--upgrade --upgrade-strategy eager) ;;
+  *) echo "setup: error: BIGTRAIN_DEPS must be pinned or latest, got '${BIGTRAIN_DEPS}'" >&2; exit 2 ;;
+esac
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "${PIP[@]}" torch
+    "${PIP[@]}" "$TORCH_PIN"
   else
     echo "setup: no GPU found: installing a CPU build of torch" >&2
-    "${PIP[@]}" "torch==2.13.0" 2>/dev/null \
-      || "${PIP[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+    "${PIP[@]}" "$TORCH_PIN" 2>/dev/null \
+      || "${PIP[@]}" "$TORCH_PIN" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
+# The torch that is there stays (a GPU user's own build, or the one just installed).
+echo "torch==$("$PY" -c 'import torch; print(torch.__version__)')" >> "$CONSTRAINTS"
 # DeepSpeed builds against the torch already installed (no second torch download in an isolated build).
 "${PIP[@]}" "setuptools>=64" wheel packaging ninja numpy psutil py-cpuinfo pydantic hjson msgpack tqdm
-"$PY" -c "import deepspeed" 2>/dev/null || "${PIP[@]}" --no-build-isolation deepspeed
+"${PIP[@]}" --no-build-isolation deepspeed
 "${PIP[@]}" --no-build-isolation -e ".[test]"
+echo "${BIGTRAIN_DEPS:-pinned}" > "$VENV/.bigtrain-deps"  # tests/test_layout.py checks a pinned environment against constraints.txt
 # DeepSpeed JIT-builds its CPU Adam (used by optimizer offload) on first use, which takes minutes:
 # on a machine without a GPU, build it once here rather than inside the first offloaded run.
 if ! command -v nvidia-smi >/dev/null 2>&1; then

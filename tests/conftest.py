@@ -35,6 +35,25 @@ def _release_deepspeed_shm():
             p.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server(tmp_path_factory):
+    """One pre-imported fork server per pytest worker for the suite's bigtrain processes
+    (tests/forkserver.py). BIGTRAIN_TEST_FORKSERVER=0 starts every process from scratch instead."""
+    import forkserver
+
+    if os.environ.get(forkserver.ENV) == "0":
+        os.environ.pop(forkserver.ENV)
+        yield
+        return
+    path = str(tmp_path_factory.mktemp("forkserver") / "sock")
+    server = forkserver.start_server(path)
+    os.environ[forkserver.ENV] = path
+    yield
+    os.environ.pop(forkserver.ENV, None)
+    server.terminate()
+    server.wait()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bigtrain-cache")

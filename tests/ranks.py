@@ -15,6 +15,8 @@ import sys
 import tempfile
 import time
 
+import forkserver
+
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
 
 
@@ -48,8 +50,7 @@ def launch_ranks(argv: list[str], nproc: int, env_extra: dict | None = None, tim
         try:
             for r in range(nproc):
                 env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-                procs.append(subprocess.Popen(cmd, env=env, stdout=outs[r][0], stderr=outs[r][1], stdin=subprocess.DEVNULL,
-                                              cwd=tempfile.gettempdir()))
+                procs.append(_start(cmd, env, outs[r]))
             first_failure = _wait(procs, outs, cmd, timeout, grace)
             return subprocess.CompletedProcess(cmd, first_failure, _joined(outs, 0), _joined(outs, 1))
         finally:
@@ -59,6 +60,13 @@ def launch_ranks(argv: list[str], nproc: int, env_extra: dict | None = None, tim
             for pair in outs:
                 for f in pair:
                     f.close()
+
+
+def _start(cmd: list[str], env: dict, out: tuple):
+    if forkserver.available():  # the same rank, forked from the suite's pre-imported server
+        with open(os.devnull) as devnull:
+            return forkserver.start(cmd[1:], env, tempfile.gettempdir(), devnull.fileno(), out[0].fileno(), out[1].fileno())
+    return subprocess.Popen(cmd, env=env, stdout=out[0], stderr=out[1], stdin=subprocess.DEVNULL, cwd=tempfile.gettempdir())
 
 
 def _wait(procs, outs, cmd, timeout: float, grace: float) -> int:

@@ -13,6 +13,9 @@ import importlib.metadata as md
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from common import REPO
 
@@ -67,3 +70,28 @@ def test_import_kernels_from_the_repository_root_never_finds_the_repository():
         # No distribution: at most the repository's empty namespace portion, which transformers
         # must not take for the library.
         assert seen["transformers_sees_kernels"] is False, seen
+
+
+def test_a_pinned_environment_has_exactly_the_pinned_versions():
+    # make demo / make test install constraints.txt; scripts/setup_env.sh records which set it
+    # installed. (make test-latest's environment is meant to differ.)
+    mode = Path(sys.prefix, ".bigtrain-deps")
+    if not mode.exists() or mode.read_text().strip() != "pinned":
+        pytest.skip(f"not an environment installed from constraints.txt ({mode})")
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name] = version
+    assert {"torch", "deepspeed", "transformers", "kernels", "datasets", "datatrove", "peft", "tokenizers", "triton", "pytest"} <= set(pins)
+    wrong = {}
+    for name, version in pins.items():
+        try:
+            got = md.version(name)
+        except md.PackageNotFoundError:
+            got = None
+        if name == "torch":  # the torch that was there stays (a GPU user's own build)
+            continue
+        if got != version:
+            wrong[name] = (version, got)
+    assert not wrong, f"installed versions differ from constraints.txt (name: (pinned, installed)): {wrong}"

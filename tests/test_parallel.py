@@ -15,6 +15,8 @@ import torch
 
 pytestmark = pytest.mark.slow
 
+# The progress bar and end-of-run sample are off as in common.SMALL (see there); the README's tp=2 and
+# sp=2 commands run with every default on in tests/test_readme.py.
 LLAMA = ["model.preset=llama-tiny", "data.vocab_size=512", "data.seq_len=64", "train.progress=false", "train.sample_tokens=0",
          "train.warmup_steps=2", "train.lr=1e-3", "train.max_steps=4", "train.log_every=1", "train.save_every=2", "train.keep_last=5",
          "train.eval_every=4", "train.eval_batches=2", "deepspeed.zero_stage=1"]

@@ -233,3 +233,38 @@ def test_sigterm_to_the_launcher_reaches_every_rank_as_a_preemption(zero2_run, c
 
     assert check_checkpoint(run / "checkpoints" / f"step_{stopped_at:08d}") is None
     assert not (run / ".bigtrain.lock.json").exists()  # an orderly end releases the output directory
+
+
+def test_ranks_still_running_after_the_stop_grace_are_killed_and_named(zero2_run, cache_dir, tmp_path):
+    """A rank that cannot act on the forwarded stop (stuck in a 600 s sleep at step 3, its peer
+    waiting for it in a collective) must not hold the machine until a scheduler's time limit:
+    the launcher kills every rank still running --stop-grace seconds after the signal, by name."""
+    import signal
+    import time
+
+    _, args, _ = zero2_run
+    run = tmp_path / "stuck"
+    args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in args]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(BIGTRAIN_CACHE=str(cache_dir), BIGTRAIN_FAULT="hang@3:1:600")
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2", "--stop-grace", "5"], env=env,
+                             cwd=tempfile.gettempdir(), stdout=log, stderr=log)
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None and not ((run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 2):
+            time.sleep(0.2)
+        time.sleep(1)  # rank 1 is now in its sleep at step 3
+        assert p.poll() is None, log_path.read_text()[-3000:]
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(timeout=120)
+        elapsed = time.monotonic() - t0
+    text = log_path.read_text()
+    killed = dict(re.findall(r"bigtrain: rank (\d) \(pid (\d+)\) still running 5s after the stop signal: killing it", text))
+    assert "1" in killed, text[-3000:]
+    assert code not in (0, 75), code  # not reported as a clean stop
+    assert 5 <= elapsed < 30, elapsed
+    for pid in killed.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)

@@ -857,14 +857,21 @@ def _needs_i64(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
-_ALLOCATOR_SET = False
+def _scratch_allocator(size: int, align: int, stream: Any) -> torch.Tensor:  # noqa: ARG001
+    """Scratch memory for device-side tensor descriptors (Triton asks for it at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _use_descriptors(*tensors: torch.Tensor) -> bool:
     """Tensor descriptors (TMA) for the streamed tiles: CUDA sm_90+, a Triton that has them,
     16-byte aligned bases and strides, unit last stride. BIGTRAIN_ATTN_TMA=0/1 forces it off/on
-    (1 also under the interpreter, which runs descriptors too: the tests use that)."""
-    global _ALLOCATOR_SET
+    (1 also under the interpreter, which runs descriptors too: the tests use that).
+
+    Called on the thread that launches. `triton.set_allocator` keeps its allocator in a
+    ContextVar, i.e. per thread: autograd runs CUDA backward nodes on its own worker thread, and
+    activation-checkpoint recomputation or an evaluation thread launch from others. Set once
+    per process, every launch off the first thread raised "Kernel requires a runtime memory
+    allocation, but no allocator was set". Setting it at every launch costs one ContextVar.set."""
     force = os.environ.get("BIGTRAIN_ATTN_TMA", "").lower()
     if not HAS_DESCRIPTORS or force in ("0", "false", "off", "no"):
         return False
@@ -874,9 +881,8 @@ def _use_descriptors(*tensors: torch.Tensor) -> bool:
         el = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * el) % 16 for s in t.stride()[:-1]):
             return False
-    if not INTERPRET and not _ALLOCATOR_SET:  # device-side descriptors need scratch memory
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
+    if not INTERPRET:  # device-side descriptors need scratch memory, on this thread
+        triton.set_allocator(_scratch_allocator)
     return True
 
 

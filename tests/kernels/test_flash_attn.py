@@ -222,6 +222,34 @@ def test_errors_are_clear():
         flash_attn(q, k, v, key_padding_mask=torch.ones(1, 8, dtype=torch.bool))
 
 
+def test_descriptor_allocator_is_set_on_every_launching_thread(monkeypatch):
+    # Triton keeps its allocator in a ContextVar (per thread); autograd launches CUDA backward
+    # kernels from its own worker thread. Each thread that prepares a descriptor launch must see
+    # bigtrain's scratch allocator, not only the first one (the CPU interpreter needs none, so
+    # this pretends to compile for a GPU and checks the thread's allocator before any launch).
+    import threading
+
+    from bigtrain.kernels import _triton_attention as ta
+
+    allocation = pytest.importorskip("triton.runtime._allocation")
+    if not ta.HAS_DESCRIPTORS:
+        pytest.skip("this Triton has no tensor descriptors")
+    monkeypatch.setattr(ta, "INTERPRET", False)
+    monkeypatch.setenv("BIGTRAIN_ATTN_TMA", "1")
+    t = torch.zeros(64, 64)
+    seen = []
+
+    def launch_prep():
+        seen.append((ta._use_descriptors(t, t), allocation._allocator.get() is ta._scratch_allocator))
+
+    launch_prep()  # the first thread ...
+    for _ in range(2):  # ... then others, as autograd's worker and a checkpoint recomputation would be
+        th = threading.Thread(target=launch_prep)
+        th.start()
+        th.join()
+    assert seen == [(True, True)] * 3, seen
+
+
 # ---------------------------------------------------------------------------------------- GPU
 
 
@@ -251,11 +279,11 @@ def test_gpu_backward_is_deterministic():
     g2 = _grads(flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), do)
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
-    # The atomic backward agrees with it to bf16 rounding (only dQ's summation order differs),
-    # and its dK/dV are the same computation.
+    # The atomic backward agrees with it to bf16 rounding: the same math, but two different
+    # compiled kernels (the atomic one also forms dS K per tile), so not bit for bit.
     g3 = _grads(flash_attn(q, k, v, causal=True, deterministic=False), (q, k, v), do)
-    torch.testing.assert_close(g3[0].float(), g1[0].float(), atol=2e-2, rtol=2e-2)
-    assert torch.equal(g3[1], g1[1]) and torch.equal(g3[2], g1[2])
+    for a, b in zip(g3, g1):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 @gpu

