@@ -74,3 +74,14 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cli(cache_dir):
     return lambda args, **kw: run_cli(args, cache_dir, **kw)
+
+
+# The files that take longest start first, so that no long file is left for the end of the run
+# while the other worker idles (pytest-xdist --dist loadfile hands out files in collection order).
+LONGEST_FIRST = ["test_readme.py", "test_slurm.py", "test_parallel.py", "test_zero.py", "test_tasks.py", "test_train.py", "test_chat.py",
+                 "test_reliability.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):  # noqa: ARG001
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -238,14 +238,37 @@ def serve(path: str) -> None:
     os.unlink(path)
 
 
-def start_server(path: str) -> subprocess.Popen:
-    """Start a server on `path` (from the pytest worker) and wait until it has imported everything."""
-    p = subprocess.Popen([sys.executable, __file__, path], stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+def start_server(path: str, cwd: str | None = None) -> subprocess.Popen:
+    """Start a server on `path` (from the pytest worker) and wait until it has imported everything.
+
+    With `cwd`, the server starts there as `python -m forkserver`, so that directory is first on
+    its sys.path while it imports torch, transformers and bigtrain, exactly as for a user's
+    `bigtrain ...` typed there (tests/test_readme.py: a folder in the repository root named like a
+    dependency would break this start, as it broke every rank)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if cwd is None:
+        cmd = [sys.executable, __file__, path]
+    else:
+        cmd = [sys.executable, "-m", "forkserver", path]
+        env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__))
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
     t0 = time.monotonic()
     line = p.stdout.readline()
     if line.strip() != "ready":
         raise RuntimeError(f"fork server did not start ({time.monotonic() - t0:.0f}s): {line!r}")
     return p
+
+
+def shim_main(argv: list[str]) -> None:
+    """`bigtrain ARGS` through the server: what a `bigtrain` shim on PATH runs (tests/test_readme.py).
+    Signals to the shim reach the child; the exit code is the child's (128+N for signal N)."""
+    import signal
+
+    child = start(["-m", "bigtrain", *argv], dict(os.environ), os.getcwd(), 0, 1, 2)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    code = child.wait()
+    sys.exit(code if code >= 0 else 128 - code)
 
 
 if __name__ == "__main__":

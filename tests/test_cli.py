@@ -15,8 +15,8 @@ from common import SMALL
 
 
 @pytest.mark.parametrize("verb", [[], ["train"], ["export"], ["generate"], ["data"], ["data", "prepare"], ["tokenizer"], ["tokenizer", "train"], ["bench"]])
-def test_help_on_every_verb(verb):
-    r = subprocess.run([sys.executable, "-m", "bigtrain", *verb, "--help"], capture_output=True, text=True, cwd=tempfile.gettempdir())
+def test_help_on_every_verb(cli, verb):
+    r = cli([*verb, "--help"])
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: bigtrain")
     if verb == ["train"]:
