@@ -20,7 +20,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # The suite against the newest release of every dependency (torch excepted), in its own .venv-latest.
 test-latest:

@@ -24,8 +24,8 @@
 # could not run; steps 1-2 do not need them.
 #
 # bigtrain is not installed on the box: the script stages the package as pyproject.toml maps it
-# (bigtrain/ with its kernels, ds_configs/, slurm/) under $OUTDIR/.stage and runs everything from
-# $OUTDIR so the source tree's bigtrain/ (without the templates) cannot shadow it.
+# (bigtrain/ with its kernels, ds_configs/, slurm/) in a temporary directory (removed on exit) and
+# runs everything from $OUTDIR so the source tree's bigtrain/ (without the templates) cannot shadow it.
 # Knobs: BENCH_AUTOTUNE=0 benchmarks the first tile of each architecture's list instead of
 # autotuning (less compile time), BENCH_ARGS overrides the benchmark's arguments. Every step writes
 # its own result file as soon as it finishes, so a run cut short keeps what it measured.
@@ -47,8 +47,10 @@ if [[ -n "${WHEELS:-}" ]]; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-STAGE="$OUT/.stage"
-rm -rf "$STAGE" && mkdir -p "$STAGE"
+# Staged outside OUTDIR and removed however the script ends (a run killed at its time limit
+# used to return ~45 staged files that crowded out the results).
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/bigtrain-stage.XXXXXX")
+trap 'rm -rf "$STAGE"' EXIT
 cp -r "$REPO/bigtrain" "$STAGE/bigtrain"
 [[ -d "$REPO/ds_configs" ]] && cp -r "$REPO/ds_configs" "$STAGE/bigtrain/ds_configs"
 [[ -d "$REPO/slurm" ]] && cp -r "$REPO/slurm" "$STAGE/bigtrain/slurm_templates"

@@ -38,7 +38,13 @@ echo "torch==$("$PY" -c 'import torch; print(torch.__version__)')" >> "$CONSTRAI
 echo "${BIGTRAIN_DEPS:-pinned}" > "$VENV/.bigtrain-deps"  # tests/test_layout.py checks a pinned environment against constraints.txt
 # DeepSpeed JIT-builds its CPU Adam (used by optimizer offload) on first use, which takes minutes:
 # on a machine without a GPU, build it once here rather than inside the first offloaded run.
+# Its shared-memory all-reduce too (every multi-rank CPU run loads it). Built with the environment's
+# own ninja, the one bigtrain's processes find first once .venv/bin is on PATH (the tests put it
+# there): two ninja versions rebuild each other's ops.
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  DS_ACCELERATOR=cpu "$PY" -c "from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load(verbose=False)" >/dev/null 2>&1 \
-    || echo "setup: warning: could not pre-build DeepSpeed's CPU Adam op (it will be built on first use)" >&2
+  PATH="$(cd "$VENV/bin" && pwd):$PATH" DS_ACCELERATOR=cpu "$PY" -c "
+from deepspeed.ops.op_builder.cpu import CPUAdamBuilder, ShareMemCommBuilder
+CPUAdamBuilder().load(verbose=False)
+ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 \
+    || echo "setup: warning: could not pre-build DeepSpeed's CPU ops (they will be built on first use)" >&2
 fi

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from common import REPO, STDLIB, run_cli  # noqa: E402,F401 - shared with the test modules
+
+
+# Every process of the suite sees the environment's bin/ first, as after `source .venv/bin/activate`.
+# Without it, a test that puts it on PATH (the README test does) and one that does not run
+# different `ninja` binaries (pip's 1.13 in .venv, Debian's 1.11): their build logs hash commands
+# differently, so each rebuilds DeepSpeed's CPU ops the other built (~45 s per multi-rank run).
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _job_alive(buffer: Path) -> bool:
