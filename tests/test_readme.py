@@ -32,13 +32,14 @@ pytestmark = pytest.mark.slow
 
 DOCS = ["README.md", "docs/parallelism.md", "docs/data.md"]
 
-# Appended to a command (after its own arguments; later overrides win) to keep the suite short.
-STEPS = "train.max_steps=4"
+# Appended to a command (after its own arguments; later overrides win) to keep the suite short:
+# fewer steps, and 2 evaluation batches instead of 20.
+STEPS = "train.max_steps=4 train.eval_batches=2"
 SHORTEN = {
     "bigtrain train": STEPS,
     "bigtrain train examples/tiny-stdlib.yaml train.max_steps=50 output_dir=runs/short": STEPS,
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2": STEPS,
-    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2 --resume auto": "train.max_steps=6",
+    "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2 --resume auto": "train.max_steps=6 train.eval_batches=2",
     "bigtrain train examples/mixture.yaml data.prepared=runs/mixture-data": STEPS,
     # A new tokenizer re-tokenizes the 31 MB default corpus (~30 s): the files it was trained on instead.
     "bigtrain train data.tokenizer=runs/my-tokenizer train.max_steps=20 output_dir=runs/with-tok": STEPS + " data.train_files=[README.md,docs]",
@@ -46,9 +47,9 @@ SHORTEN = {
     "bigtrain train examples/sentiment.yaml model.from_pretrained=$MODEL --overwrite": "train.max_steps=2",
     # bf16 on CPU: ~11 s a step and a minute of evaluation on 2 cores.
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 deepspeed.precision=bf16 "
-    "deepspeed.config=runs/my_ds.json train.max_steps=20 output_dir=runs/z2-bf16": "train.max_steps=2 train.eval_batches=1",
+    "deepspeed.config=runs/my_ds.json train.max_steps=20 output_dir=runs/z2-bf16": "train.max_steps=1 train.eval_batches=1",
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 train.max_steps=40 train.save_every=20 output_dir=runs/ws":
-        "train.max_steps=4 train.save_every=2",
+        "train.max_steps=4 train.save_every=2 train.eval_batches=2",
     "bigtrain train train.max_steps=100 output_dir=runs/base": STEPS,
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model": STEPS,
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model model.lora.r=8 train.lr=1e-2 output_dir=runs/sft-lora": STEPS,
@@ -58,10 +59,11 @@ SHORTEN = {
         STEPS,
     'WANDB_MODE=offline bigtrain train train.max_steps=50 "train.report_to=[tensorboard,wandb,mlflow]" train.wandb.project=my-project --overwrite':
         STEPS,
-    "bigtrain train train.max_steps=20 train.profile.start=10 train.profile.steps=2 --overwrite": "train.max_steps=12",
+    "bigtrain train train.max_steps=20 train.profile.start=10 train.profile.steps=2 --overwrite": "train.max_steps=12 train.eval_batches=2",
 }
 # The checkpoint a shortened run has instead of the full run's (the same command otherwise).
-RENAME = {"step_00000200": "step_00000004", "step_00000020": "step_00000002", "train.max_steps=40 train.grad_accum=2": "train.max_steps=4 train.grad_accum=2"}
+RENAME = {"step_00000200": "step_00000004", "step_00000020": "step_00000002",
+          "train.max_steps=40 train.grad_accum=2": "train.max_steps=4 train.eval_batches=2 train.grad_accum=2"}
 
 # Run by the installed entry point in fresh interpreters (see the module docstring): the default
 # job, and the multi-rank runs that failed for users (shadowing on every rank; the sp hang).
@@ -213,3 +215,20 @@ def test_parallel_runs_with_every_default_on_end_with_their_sample(ran):
 def test_a_multi_rank_run_from_the_repository_root_resumes(ran):
     code, log = ran["bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 output_dir=runs/z2 --resume auto"]
     assert code == 0 and "resumed from" in log, log[-3000:]
+
+
+def test_the_default_job_trains_exports_and_samples(ran, tmp_path_factory):
+    """`bigtrain train` with no arguments: the embedded default (the standard library's sources,
+    a BPE trained on them, the tiny preset), cut to 4 steps; everything else as make demo runs it."""
+    code, log = ran["bigtrain train"]
+    assert code == 0 and "validation loss" in log and "perplexity" in log and "sample:" in log, log[-3000:]
+    root = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("clone*"))
+    out = root / "runs" / "default"  # later README commands retrain it with --overwrite: the same default job
+    cfg = (out / "config.yaml").read_text()
+    assert "@stdlib" in cfg and "preset: tiny" in cfg
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    from bigtrain.models import count_parameters
+    from transformers import AutoModelForCausalLM
+
+    n = count_parameters(AutoModelForCausalLM.from_pretrained(str(out / "model")))
+    assert 1e6 <= n <= 10e6

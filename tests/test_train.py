@@ -160,20 +160,7 @@ def test_export_round_trip_matches_engine_logits(cli, corpus, tmp_path):
     assert r.stdout.startswith("import os") and len(r.stdout.rstrip("\n")) > len("import os")
 
 
-def test_default_job_runs_on_the_standard_library(cli, tmp_path):
-    """The embedded default (stdlib corpus, BPE trained on it), cut to 2 steps."""
-    out = tmp_path / "default"
-    r = cli(["train", "train.max_steps=2", "train.eval_batches=2", "train.sample_tokens=8", f"output_dir={out}"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "validation loss" in r.stderr and "perplexity" in r.stderr and "sample:" in r.stderr
-    cfg = (out / "config.yaml").read_text()
-    assert "@stdlib" in cfg and "preset: tiny" in cfg
-    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
-    from bigtrain.models import count_parameters
-    from transformers import AutoModelForCausalLM
-
-    n = count_parameters(AutoModelForCausalLM.from_pretrained(str(out / "model")))
-    assert 1e6 <= n <= 10e6
+# The default job (`bigtrain train`, no arguments) is tests/test_readme.py's first command.
 
 
 def preempt(zero2_run, cache_dir, tmp_path, sig) -> tuple:
