@@ -33,6 +33,15 @@ def _job_alive(buffer: Path) -> bool:
 
 
 @pytest.fixture(autouse=True)
+def _not_under_a_launcher(monkeypatch):
+    """Tests that call bigtrain in this process start as a user's shell would: an earlier
+    in-process run may have left RANK/WORLD_SIZE in the worker's environment (bigtrain.engine sets
+    them for a one-process run), after which `--nproc` takes the worker for a rank."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _release_deepspeed_shm():
     """DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM) outlive killed ranks: after every test,
     remove those whose job is gone, or the suite runs out of memory. (A job still running, e.g. in
