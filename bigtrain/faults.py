@@ -14,6 +14,8 @@
   enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
                          small file system can be mounted for the test)
   slow_data@MS           building each global batch takes MS milliseconds longer (slow storage)
+  attn_check_fail        the fused-attention self-check fails its first case (a GPU where the
+                         kernel is wrong: bigtrain/kernels/selfcheck.py)
 Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
 """
 
@@ -86,3 +88,7 @@ def maybe_enospc_in_save(step: int, rank: int) -> None:
     for args in _faults().get("enospc_in_save", []):
         if int(args[0]) == step and int(args[1]) == rank:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def attn_check_fails() -> bool:
+    return "attn_check_fail" in _faults()

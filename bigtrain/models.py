@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from bigtrain.errors import UserError
 
@@ -269,10 +269,58 @@ def count_parameters(model) -> int:
 
 
 def attn_implementation(choice: str, on_cpu: bool) -> str:
-    """model.attn_implementation: "auto" is torch's SDPA on CPU, bigtrain's fused kernel on a GPU."""
+    """model.attn_implementation before the self-check: "auto" is torch's SDPA on CPU, bigtrain's
+    fused kernel on a GPU (see :func:`choose_attention` for what a run uses)."""
     if choice == "auto":
         return "sdpa" if on_cpu else "bigtrain_triton"
     return choice
+
+
+def attention_heads(cfg) -> tuple[int, int, int]:
+    """(head_dim, query heads, key/value heads) of the run's model, from its config alone."""
+    if cfg.model.from_pretrained:
+        hf = load_pretrained_config(cfg.model.from_pretrained)
+        apply_overrides(hf, cfg.model.config)
+    else:
+        hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=None)
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    return head_dim, heads, getattr(hf, "num_key_value_heads", None) or heads
+
+
+def choose_attention(cfg, on_cpu: bool, precision: str, local_rank: int, warn) -> tuple[str, Optional[str]]:
+    """The attention a run uses, and why it fell back (None when it did not).
+
+    bigtrain's fused kernel is used only once its self-check passed on this GPU, in this dtype and
+    head shape (bigtrain/kernels/selfcheck.py, cached per combination). "auto" falls back to SDPA
+    with one warning; "bigtrain_triton" asked for explicitly stops with an error instead."""
+    import os
+
+    from bigtrain.config import cache_root, where_of
+
+    choice = cfg.model.attn_implementation
+    attn = attn_implementation(choice, on_cpu)
+    if attn != "bigtrain_triton":
+        return attn, None
+    where = where_of(cfg, "model.attn_implementation")
+    if on_cpu and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+        raise UserError(f"{where}: bigtrain_triton needs a CUDA GPU and this machine has none; use "
+                        "model.attn_implementation=sdpa (or auto), or set TRITON_INTERPRET=1 to run the kernel "
+                        "in Triton's CPU interpreter (slow: for tests)")
+    import torch
+
+    from bigtrain.kernels.selfcheck import DTYPES, verify
+
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    head_dim, heads_q, heads_kv = attention_heads(cfg)
+    verdict = verify(DTYPES[precision], head_dim, heads_q, heads_kv, device, cache_root(cfg),
+                     seq=128 if on_cpu else 192)
+    if verdict.ok:
+        return attn, None
+    if choice == "bigtrain_triton":
+        raise UserError(f"{where}: {verdict.why()}; use model.attn_implementation=sdpa (auto falls back by itself)")
+    warn(f"warning: {verdict.why()}; training with attn_implementation=sdpa instead")
+    return "sdpa", verdict.why()
 
 
 def model_config(cfg, tokenizer, task):

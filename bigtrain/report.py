@@ -154,6 +154,9 @@ def summary(run: Run) -> list[tuple[str, str]]:
         values = [v for _, v in series(run.records, key)]
         if values:
             rows.append((label, f"{max(values):.2f} GB"))
+    fallback = next((r for r in run.records if r.get("attn_fallback")), None)
+    if fallback:
+        rows.append(("attention", f"{fallback['attn_implementation']} (fallback: {fallback['attn_fallback']})"))
     rows.append(("skipped steps", str(len(skipped(run.records)))))
     if run.checkpoints:
         rows.append(("checkpoints", ", ".join(c["name"] + (" (best)" if c["best"] else "") for c in run.checkpoints)))

