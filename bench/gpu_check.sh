@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of bigtrain's Triton attention, in one run of under 8 minutes on one H200:
+#   0. bigtrain bench attention --check  (the self-check a run makes before it trusts the kernel, in
+#                                          fp16/bf16, head_dim 64/128, GQA 1/4: a broken kernel shows
+#                                          here in seconds, not as a timeout later; OUTDIR/selfcheck.txt)
 #   1. bigtrain bench attention          (TFLOP/s, OUTDIR/attention_bench.json rewritten after every
 #                                          shape + .png): the targets' grid only: bf16, d128, causal,
 #                                          seq 4k/8k/16k, one packed case (8 documents per row), fwd and
@@ -10,7 +13,10 @@
 #   3. a 50-step bigtrain training run with model.attn_implementation=bigtrain_triton (bf16),
 #      then a 30-step fp16 run (loss scaling; skipped steps logged)
 #   4. bigtrain bench train: tokens/s, MFU and peak memory for llama-1b (bf16, seq 2048)
-# Step time limits (180 + 120 + 60 + 45 + 90 s) keep the worst case near 8 minutes.
+# Step time limits (60 + 180 + 120 + 60 + 45 + 90 s) keep the worst case under 9 minutes; a full
+# run is about 6. Step 1 runs with TRITON_PRINT_AUTOTUNING=1: the log names each chosen tile config.
+# OUTDIR/summary.txt (also the log's first line once the run ends): forward TFLOP/s at 4k/8k/16k
+# against SDPA, fwd+bwd of both backwards, the self-check and the GPU tests' pass/fail.
 # and records the GPU name and torch/triton/transformers versions in OUTDIR/env.json.
 #
 # Usage: bench/gpu_check.sh OUTDIR            (from anywhere; PYTHON=python3 by default)
@@ -84,10 +90,14 @@ PYEOF
 
 status=0
 
+stamp "0/4 self-check (bigtrain bench attention --check) -> $OUT/selfcheck.txt"
+timeout 60 "$PY" -m bigtrain.bench.attention --check --dtypes fp16 bf16 --head-dims 64 128 --gqa 1 4 | tee "$OUT/selfcheck.txt"
+rc=${PIPESTATUS[0]}; [[ $rc -ne 0 ]] && { stamp "self-check FAILED (rc=$rc): the kernel is wrong or cannot launch here"; status=1; }
+
 stamp "1/4 attention benchmark (targets: bf16 d128 causal 4k-16k, packed documents, both backwards)"
 BENCH_ARGS=${BENCH_ARGS:-"--dtypes bf16 --head-dims 128 --causal yes --seqlens 4096 8192 16384 --docs 1 8 --backends bigtrain_triton bigtrain_triton_det sdpa_flash sdpa_cudnn --modes fwd fwd+bwd --warmup 3 --reps 10"}
 # shellcheck disable=SC2086
-BIGTRAIN_ATTN_AUTOTUNE=${BENCH_AUTOTUNE:-1} timeout 180 "$PY" -m bigtrain.bench.attention $BENCH_ARGS \
+TRITON_PRINT_AUTOTUNING=1 BIGTRAIN_ATTN_AUTOTUNE=${BENCH_AUTOTUNE:-1} timeout 180 "$PY" -m bigtrain.bench.attention $BENCH_ARGS \
   --json "$OUT/attention_bench.json" --plot "$OUT/attention_bench.png"
 rc=$?; [[ $rc -ne 0 ]] && { stamp "benchmark FAILED (rc=$rc)"; status=1; }
 
@@ -131,6 +141,34 @@ else
   stamp "SKIPPED: needs the training dependencies (see step 3)"
 fi
 
+stamp "summary -> $OUT/summary.txt"
+"$PY" - "$OUT" <<'PYEOF'
+import json, pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+parts = []
+check = (out / "selfcheck.txt").read_text() if (out / "selfcheck.txt").is_file() else ""
+parts.append("self-check " + ("pass" if "every case passed" in check else "FAIL" if check else "missing"))
+try:
+    rows = json.loads((out / "attention_bench.json").read_text())["results"]
+except (OSError, ValueError, KeyError):
+    rows = []
+def tf(backend, seq, mode, docs=1):
+    v = [r.get(mode) for r in rows if r["backend"] == backend and r["seq"] == seq and r["docs"] == docs and r.get(mode)]
+    return f"{v[0]:.0f}" if v else "-"
+for seq in (4096, 8192, 16384):
+    parts.append(f"fwd@{seq // 1024}k {tf('bigtrain_triton', seq, 'fwd')} vs flash {tf('sdpa_flash', seq, 'fwd')}/cudnn {tf('sdpa_cudnn', seq, 'fwd')}")
+parts.append(f"fwd+bwd@8k atomic {tf('bigtrain_triton', 8192, 'fwd+bwd')} det {tf('bigtrain_triton_det', 8192, 'fwd+bwd')} TFLOP/s")
+xml = (out / "gpu_tests.xml").read_text() if (out / "gpu_tests.xml").is_file() else ""
+m = re.search(r'tests="(\d+)"[^>]*', xml)
+fails = sum(int(x) for x in re.findall(r'(?:failures|errors)="(\d+)"', xml[:500]))
+parts.append(f"gpu tests {'missing' if not m else ('pass' if not fails else f'{fails} FAILED')}")
+line = "SUMMARY: " + "; ".join(parts)
+(out / "summary.txt").write_text(line + "\n")
+print(line)
+PYEOF
+
 rm -rf "$STAGE"
 stamp "done, status=$status; results in $OUT"
+# The summary also as the log's first line (tee has written everything above by now).
+sleep 1; { cat "$OUT/summary.txt"; cat "$LOG"; } > "$LOG.new" && mv "$LOG.new" "$LOG"
 exit $status
