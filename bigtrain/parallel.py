@@ -231,7 +231,8 @@ class SequenceShard:
         piece = slice(self.rank * n, (self.rank + 1) * n)
         targets = F.pad(labels, (0, 1), value=IGNORE)[:, 1:][:, piece]  # shifted on the whole sequence
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)[:, piece]
-        extra = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}  # the whole sequence's
+        # The whole sequence's documents (Ulysses attention sees every position).
+        extra = {k: batch[k] for k in ("segment_ids", "segment_bounds") if k in batch}
         out = model(input_ids=ids[:, piece], position_ids=positions, use_cache=False, **extra)
         logits = out.logits.float()
         total = (targets != IGNORE).sum().float()

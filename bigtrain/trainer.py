@@ -321,8 +321,11 @@ class Trainer:
         if "segment_ids" in batch:
             # Packed rows (bigtrain_triton): the documents' ids already keep any padding apart;
             # the all-ones attention_mask only stops transformers inferring packing from
-            # position ids (a host read), so the kernel need not apply it.
-            batch = {**batch, "padding_free": True}
+            # position ids (a host read), so the kernel need not apply it. The documents' bounds
+            # are computed here, once per batch, not once per layer.
+            from bigtrain.kernels.attention import document_bounds
+
+            batch = {**batch, "padding_free": True, "segment_bounds": document_bounds(batch["segment_ids"])}
         if self.shard is not None:  # sequence parallel: this rank's slice of every sequence
             return self.shard(self.engine, batch)
         if self.lm_loss is not None and "labels" in batch:  # train.chunked_loss: no full logits

@@ -5,6 +5,7 @@ Public API::
     flash_attn(q, k, v, *, causal=False, softmax_scale=None, key_padding_mask=None,
                segment_ids=None, dropout_p=0.0) -> Tensor
     segment_ids_context(segment_ids)        # packed documents for transformers models
+    document_bounds(segment_ids)            # per-token document bounds, once per batch
     register_with_transformers()            # explicit, idempotent registration
     flash_attn_dropout_mask(...), draw_dropout_seed()   # dropout debugging / tests
     set_deterministic(flag)                 # default backward variant (model.attn_deterministic)
@@ -24,7 +25,7 @@ import importlib.machinery
 import sys
 from typing import Any
 
-from .attention import draw_dropout_seed, flash_attn, flash_attn_dropout_mask, set_deterministic
+from .attention import document_bounds, draw_dropout_seed, flash_attn, flash_attn_dropout_mask, set_deterministic
 from .transformers_integration import (
     ATTN_IMPLEMENTATION,
     bigtrain_triton_attention,
@@ -37,6 +38,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "bigtrain_triton_attention",
     "bigtrain_triton_mask",
+    "document_bounds",
     "draw_dropout_seed",
     "flash_attn",
     "flash_attn_dropout_mask",

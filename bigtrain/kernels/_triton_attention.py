@@ -86,6 +86,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention import document_bounds
+
 
 def _interpreting() -> bool:
     try:  # Triton >= 3.4 reads TRITON_INTERPRET through its knobs
@@ -802,29 +804,7 @@ def _strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
 
 
-def segment_bounds(segment_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 2, seq) int32 per-token document bounds: row 0 the first position of the token's
-    document, row 1 one past its last. A batch row whose ids do not each form one contiguous run
-    (e.g. ids 0, 1, 0) gets first = -1 and end = seq: the kernels then visit and mask every tile.
-
-    Device tensor ops only (no host read), so it is safe on the training hot path.
-    """
-    seg = segment_ids
-    B, S = seg.shape
-    pos = torch.arange(S, device=seg.device, dtype=torch.int32).expand(B, S)
-    change = seg[:, 1:] != seg[:, :-1]
-    starts = torch.ones((B, S), dtype=torch.bool, device=seg.device)
-    starts[:, 1:] = change
-    ends = torch.ones((B, S), dtype=torch.bool, device=seg.device)
-    ends[:, :-1] = change
-    first = torch.where(starts, pos, 0).cummax(-1).values
-    end = torch.where(ends, pos + 1, S).flip(-1).cummin(-1).values.flip(-1)
-    # Runs are documents iff no id has two runs: as many runs as distinct ids.
-    srt = seg.sort(-1).values
-    runs_ok = (starts.sum(-1) == 1 + (srt[:, 1:] != srt[:, :-1]).sum(-1))[:, None]
-    first = torch.where(runs_ok, first, -1)
-    end = torch.where(runs_ok, end, S)
-    return torch.stack([first, end], 1).to(torch.int32).contiguous()
+segment_bounds = document_bounds  # the name the tests and tile counts use
 
 
 def visited_key_tiles(segment_ids: torch.Tensor | None, seq_q: int, seq_k: int, causal: bool,

@@ -75,6 +75,34 @@ def draw_dropout_seed(device: torch.device | str = "cpu") -> int:
     return int(_seed_tensor(torch.device(device)).item())
 
 
+def document_bounds(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, 2, seq) int32 per-token document bounds: row 0 the first position of the token's
+    document, row 1 one past its last. A batch row whose ids do not each form one contiguous run
+    (e.g. ids 0, 1, 0) gets first = -1 and end = seq: the kernels then visit and mask every tile.
+
+    Device tensor ops only (no host read), so it is safe on the training hot path. The bounds
+    depend only on the batch's segment ids: the trainer computes them once per batch and passes
+    them to every layer (``segment_bounds=``, a forward keyword like ``segment_ids``); without
+    them each attention call computes its own.
+    """
+    seg = segment_ids
+    B, S = seg.shape
+    pos = torch.arange(S, device=seg.device, dtype=torch.int32).expand(B, S)
+    change = seg[:, 1:] != seg[:, :-1]
+    starts = torch.ones((B, S), dtype=torch.bool, device=seg.device)
+    starts[:, 1:] = change
+    ends = torch.ones((B, S), dtype=torch.bool, device=seg.device)
+    ends[:, :-1] = change
+    first = torch.where(starts, pos, 0).cummax(-1).values
+    end = torch.where(ends, pos + 1, S).flip(-1).cummin(-1).values.flip(-1)
+    # Runs are documents iff no id has two runs: as many runs as distinct ids.
+    srt = seg.sort(-1).values
+    runs_ok = (starts.sum(-1) == 1 + (srt[:, 1:] != srt[:, :-1]).sum(-1))[:, None]
+    first = torch.where(runs_ok, first, -1)
+    end = torch.where(runs_ok, end, S)
+    return torch.stack([first, end], 1).to(torch.int32).contiguous()
+
+
 # The kernels as torch.library custom ops: torch.compile sees one opaque node per call (no graph
 # break; the fake implementations give it output shapes and strides without running Triton) and
 # autograd comes from the registered backward. Optional inputs are `Tensor?`.
@@ -140,10 +168,12 @@ def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                 softmax_scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, dense_mask: torch.Tensor | None = None,
-                dropout_p: float = 0.0, deterministic: bool | None = None) -> torch.Tensor:
+                dropout_p: float = 0.0, deterministic: bool | None = None,
+                segment_bounds: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`flash_attn` plus ``dense_mask``, a boolean (batch | 1, heads_q | 1, seq_q, seq_k)
     mask (True = attend). Used by the transformers adapter for mask patterns that are neither
-    padding nor documents (e.g. sliding windows); it costs a (seq_q x seq_k) read per head."""
+    padding nor documents (e.g. sliding windows); it costs a (seq_q x seq_k) read per head. ``segment_bounds``:
+    :func:`document_bounds` of ``segment_ids``, when the caller already has it."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -190,8 +220,15 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
         dmask = _as_uint8(dense_mask.to(q.device)).expand(B, HQ, SQ, SK)  # broadcast via 0 strides
 
     seed = _seed_tensor(q.device) if dropout_p > 0.0 else None
-    # Document bounds once per call, shared by the forward and the backward kernels.
-    segb = _kernels(q.device).segment_bounds(seg) if seg is not None else None
+    # Document bounds: the caller's (the trainer computes them once per batch for every layer),
+    # else once per call; the forward and the backward kernels share them.
+    segb = None
+    if seg is not None:
+        if segment_bounds is not None and segment_bounds.shape != (B, 2, SQ):
+            raise ValueError(f"segment_bounds must be (batch, 2, seq) = {(B, 2, SQ)} (document_bounds of the "
+                             f"segment ids); got {tuple(segment_bounds.shape)}")
+        segb = (segment_bounds.to(device=q.device, dtype=torch.int32).contiguous() if segment_bounds is not None
+                else document_bounds(seg))
     out, _ = _fwd_op(q, k, v, kpm, seg, segb, dmask, seed, bool(causal), sm_scale, float(dropout_p),
                      _deterministic(deterministic))
     return out

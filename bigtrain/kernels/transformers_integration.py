@@ -85,6 +85,7 @@ def bigtrain_triton_attention(
     is_causal: bool | None = None,
     segment_ids: torch.Tensor | None = None,
     padding_free: bool = False,
+    segment_bounds: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: (batch, heads, seq, dim) inputs, returns
@@ -94,7 +95,8 @@ def bigtrain_triton_attention(
     batch has no padding the segment ids do not already separate (the trainer's packed rows),
     so a 2-D attention mask, passed only to keep transformers from inferring packing from
     position ids, is not applied: the kernel then reads no padding mask at all, and its tiles
-    inside one document run unmasked."""
+    inside one document run unmasked. ``segment_bounds`` (a forward keyword too): the batch's
+    :func:`~bigtrain.kernels.attention.document_bounds`, computed once for all layers."""
     for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"bigtrain_triton does not support `{unsupported}`; "
@@ -121,7 +123,8 @@ def bigtrain_triton_attention(
             f"seq_q={q_len}, seq_k={k_len} (cross-attention or a KV cache); do not pass segment_ids here")
 
     out = _flash_attn(query, key, value, causal=causal, softmax_scale=scaling, key_padding_mask=kpm,
-                      segment_ids=segment_ids, dense_mask=dense, dropout_p=float(dropout))
+                      segment_ids=segment_ids, dense_mask=dense, dropout_p=float(dropout),
+                      segment_bounds=segment_bounds if segment_ids is not None else None)
     # The kernel allocates its output in (batch, seq, heads, dim) memory order: this is free.
     return out.transpose(1, 2).contiguous(), None
 

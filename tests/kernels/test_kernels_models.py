@@ -150,6 +150,28 @@ def test_padding_free_drops_the_all_ones_mask(monkeypatch):
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_document_bounds_given_once_serve_every_layer(monkeypatch):
+    # Without bounds each layer's attention computes them from the segment ids (here 2 layers, and
+    # the backward reuses the forward's); with the batch's bounds passed once (as the trainer does)
+    # no layer computes them, and logits and gradients are bitwise the same.
+    from bigtrain.kernels import attention
+
+    real, calls = attention.document_bounds, []
+    monkeypatch.setattr(attention, "document_bounds", lambda seg: calls.append(1) or real(seg))
+    ids, seg = _ids(), _documents()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), segment_ids=seg, padding_free=True)
+    la, ga = _run(_model("llama", "bigtrain_triton"), **kw)
+    assert len(calls) == _configs()["llama"][1].num_hidden_layers == 2
+    calls.clear()
+    lb, gb = _run(_model("llama", "bigtrain_triton"), **kw, segment_bounds=real(seg))
+    assert calls == []
+    torch.testing.assert_close(la, lb, atol=0, rtol=0)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="segment_bounds must be"):
+        _run(_model("llama", "bigtrain_triton"), **kw, segment_bounds=real(seg)[:, :, :-1])
+
+
 def test_segment_ids_context_equals_keyword():
     ids, seg = _ids(), _documents()
     model = _model("gpt2", "bigtrain_triton")

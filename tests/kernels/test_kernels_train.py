@@ -66,6 +66,9 @@ def test_training_through_the_fused_kernel_with_packed_documents(cli, cache_dir,
     assert stats["max_segments_in_a_row"] >= 2, stats
     # Packed rows have no padding: the trainer's all-ones mask never reaches the kernel.
     assert stats["calls_with_padding_mask"] == 0, stats
+    # The documents' bounds: computed by the trainer once per batch, handed to every attention call.
+    assert stats["calls_with_bounds"] == stats["calls"] and stats["bounds_computed"] >= STEPS, stats
+    assert stats["calls"] == stats["bounds_computed"] * 1, stats  # one layer (model.config.n_layer=1)
     # Same seed, init and data: the fused kernel's per-step losses are the reference's.
     for step, (x, y) in enumerate(zip(a, b), 1):
         assert abs(x - y) <= RTOL * abs(y), (step, x, y, a, b)
