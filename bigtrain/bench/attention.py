@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequence lengths (seq_q = seq_k)")
     parser.add_argument("--tokens", type=int, default=16384, help="batch * seq, kept constant")
     parser.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
-    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=None,
+                        help="default: 64 128 (--static: 64 128 256)")
     parser.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "fp32"])
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
@@ -57,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one line per case, exit 0 only if every case passes; --dtypes, --head-dims, "
                              "--gqa choose the grid")
     parser.add_argument("--gqa", type=int, nargs="+", default=[1, 4], help="--check: query heads per key/value head")
+    parser.add_argument("--static", action="store_true",
+                        help="compile every autotune config of every kernel for --arch without a GPU and print "
+                             "registers, spills, shared memory and whether it fits (bigtrain/bench/attention_static.py)")
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="--static: compute capabilities (90 = H100/H200, 80 = A100)")
+    parser.add_argument("--defaults", action="store_true", help="--static: only each list's default (first) config")
+    parser.add_argument("--features", choices=["train", "all"], default="train",
+                        help="--static: the kernel variant (train: causal + packed documents; all: padding mask and dropout too)")
 
 
 def _flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool, mode: str, docs: int = 1) -> float:
@@ -160,6 +168,10 @@ class _Plan(NamedTuple):
 
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; prints a table, optionally writes JSON and a PNG. Returns an exit code."""
+    if args.static:
+        return run_static(args)
+    if args.head_dims is None:
+        args.head_dims = [64, 128]
     cuda_visible = _cuda_available()
     smoke = args.smoke or not cuda_visible
     if not cuda_visible:
@@ -187,6 +199,26 @@ def run(args: argparse.Namespace) -> int:
         _plot(results, args.modes, args.plot, env)
         print(f"wrote {args.plot}")
     return 0
+
+
+def run_static(args: argparse.Namespace) -> int:
+    """`--static`: exit 0 only when every default config compiles and fits; spills are reported."""
+    from bigtrain.bench.attention_static import static_report
+
+    print(f"# static report: kernel variant '{args.features}', compiled for sm_{' sm_'.join(map(str, args.arch))} without a GPU")
+    rows = static_report(args.arch, args.dtypes, args.head_dims or [64, 128, 256], args.defaults,
+                         show=lambda line: print(line, flush=True), features=args.features)
+    bad = [r for r in rows if r["default"] and not r["fits"]]
+    spill = [f"{r['kernel']} d{r['head_dim']} ({r['spill_bytes']} B)" for r in rows if r["default"] and r.get("spill_bytes")]
+    misfits = sum(not r["fits"] for r in rows)
+    print(f"static: {len(rows)} configs, {misfits} do not fit; defaults: "
+          + ("every one fits" if not bad else f"{len(bad)} do NOT fit") + "; "
+          + (f"defaults that spill: {', '.join(spill)}" if spill else "no default spills"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"static": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0 if not bad else 1
 
 
 def run_check(args: argparse.Namespace, cuda_visible: bool) -> int:
