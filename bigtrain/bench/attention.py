@@ -313,10 +313,19 @@ def _bench_shape(plan: _Plan, dt_name: str, causal: bool, hd: int, seq: int, doc
                 if error is not None:
                     row[f"{mode}_error"] = error
             row[mode] = tflops
+        if backend.startswith("bigtrain") and plan.cuda:
+            row["tuned"] = _tuned_configs()  # what the autotuner chose for this shape (gpu_check's JSON)
         rows.append(row)
         cells = " ".join(f"{row[m]:12.2f}" if row[m] is not None else f"{'-':>12}" for m in plan.modes)
         print(f"{dt_name:5} {str(causal):6} {hd:4d} {seq:6d} {docs:4d} {batch:5d} {heads:5d} {backend:19} {cells}", flush=True)
     return rows
+
+
+def _tuned_configs() -> dict[str, str]:
+    """Each kernel's autotuned config for the shape just run ({} when autotuning is off or on CPU)."""
+    ta = sys.modules.get("bigtrain.kernels._triton_attention")
+    tuned = getattr(ta, "_tuned", {}) if ta is not None else {}
+    return {kind: str(k.best_config) for kind, k in tuned.items() if getattr(k, "best_config", None) is not None}
 
 
 def _measure_tflops(plan: _Plan, fn: Callable[..., Any], qkv: tuple[Any, Any, Any], mode: str,
