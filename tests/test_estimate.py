@@ -240,19 +240,36 @@ MEASURED_CASES = [
 ]
 
 
-def test_total_matches_peak_measured_on_cpu():
+def _measure_each(cases: list[dict], tmp_path) -> list[dict]:
+    """MEASURE in one new process per case (freed heap memory would hide the next case's RSS peak),
+    two at a time (each runs single-threaded); forked from the suite's pre-imported server when
+    there is one (tests/forkserver.py: the allocator's peak is the process's own either way)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import forkserver
+
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    env = dict(os.environ)
+
+    def one(case: dict) -> subprocess.CompletedProcess:
+        argv = [str(script), json.dumps(case)]
+        if forkserver.available():
+            return forkserver.run(argv, env, str(tmp_path), None, 300)
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(one, cases))
+    for r in done:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(r.stdout.strip().splitlines()[-1]) for r in done]
+
+
+def test_total_matches_peak_measured_on_cpu(tmp_path):
     from transformers import AutoConfig
 
-    # One fresh process per case (freed heap memory would hide the next case's RSS peak), two
-    # at a time: each runs single-threaded.
-    measured = []
-    for i in range(0, len(MEASURED_CASES), 2):
-        procs = [subprocess.Popen([sys.executable, "-c", MEASURE, json.dumps(c)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for c in MEASURED_CASES[i:i + 2]]
-        for p in procs:
-            out, err = p.communicate(timeout=300)
-            assert p.returncode == 0, err[-3000:]
-            measured.append(json.loads(out.strip().splitlines()[-1]))
+    measured = _measure_each(MEASURED_CASES, tmp_path)
     report = []
     for case, m in zip(MEASURED_CASES, measured):
         shape = est.model_shape(AutoConfig.for_model(case["model_type"], **case["config"]))
