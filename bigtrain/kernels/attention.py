@@ -165,6 +165,18 @@ def _as_uint8(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
 
 
+def _bounds(seg: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """The documents' bounds for the kernels (forward and backward share them): the caller's (the
+    trainer computes them once per batch for every layer), else computed for this call."""
+    if given is None:
+        return document_bounds(seg)
+    B, S = seg.shape
+    if given.shape != (B, 2, S):
+        raise ValueError(f"segment_bounds must be (batch, 2, seq) = {(B, 2, S)} (document_bounds of the "
+                         f"segment ids); got {tuple(given.shape)}")
+    return given.to(device=seg.device, dtype=torch.int32).contiguous()
+
+
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                 softmax_scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, dense_mask: torch.Tensor | None = None,
@@ -220,15 +232,7 @@ def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bo
         dmask = _as_uint8(dense_mask.to(q.device)).expand(B, HQ, SQ, SK)  # broadcast via 0 strides
 
     seed = _seed_tensor(q.device) if dropout_p > 0.0 else None
-    # Document bounds: the caller's (the trainer computes them once per batch for every layer),
-    # else once per call; the forward and the backward kernels share them.
-    segb = None
-    if seg is not None:
-        if segment_bounds is not None and segment_bounds.shape != (B, 2, SQ):
-            raise ValueError(f"segment_bounds must be (batch, 2, seq) = {(B, 2, SQ)} (document_bounds of the "
-                             f"segment ids); got {tuple(segment_bounds.shape)}")
-        segb = (segment_bounds.to(device=q.device, dtype=torch.int32).contiguous() if segment_bounds is not None
-                else document_bounds(seg))
+    segb = _bounds(seg, segment_bounds) if seg is not None else None
     out, _ = _fwd_op(q, k, v, kpm, seg, segb, dmask, seed, bool(causal), sm_scale, float(dropout_p),
                      _deterministic(deterministic))
     return out
