@@ -294,16 +294,15 @@ def choose_attention(cfg, on_cpu: bool, precision: str, local_rank: int, warn) -
     bigtrain's fused kernel is used only once its self-check passed on this GPU, in this dtype and
     head shape (bigtrain/kernels/selfcheck.py, cached per combination). "auto" falls back to SDPA
     with one warning; "bigtrain_triton" asked for explicitly stops with an error instead."""
-    import os
-
     from bigtrain.config import cache_root, where_of
+    from bigtrain.kernels.attention import _interpret_requested
 
     choice = cfg.model.attn_implementation
     attn = attn_implementation(choice, on_cpu)
     if attn != "bigtrain_triton":
         return attn, None
     where = where_of(cfg, "model.attn_implementation")
-    if on_cpu and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes"):
+    if on_cpu and not _interpret_requested():
         raise UserError(f"{where}: bigtrain_triton needs a CUDA GPU and this machine has none; use "
                         "model.attn_implementation=sdpa (or auto), or set TRITON_INTERPRET=1 to run the kernel "
                         "in Triton's CPU interpreter (slow: for tests)")

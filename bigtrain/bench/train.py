@@ -132,7 +132,7 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     held_out = set(data.valid_ids.tolist())
     train_idx = [i for i in range(len(blocks)) if i not in held_out]
     ds_config, precision = _hf_ds_config(cfg, env.world_size, on_cpu)
-    model = _hf_model(cfg, tok, on_cpu)
+    model = _hf_model(cfg, tok, on_cpu, precision, env.local_rank)
     n_params = sum(p.numel() for p in model.parameters())
     cuda = not on_cpu
     step_times: list[float] = []
@@ -164,18 +164,19 @@ def _hf_ds_config(cfg, world_size: int, on_cpu: bool) -> tuple[dict, str]:
     return ds_config, precision
 
 
-def _hf_model(cfg, tok, on_cpu: bool):
-    """The config's model (preset, vocabulary, special ids, attention), built by transformers."""
+def _hf_model(cfg, tok, on_cpu: bool, precision: str, local_rank: int):
+    """The config's model (preset, vocabulary, special ids, attention), built by transformers. The
+    attention is the one bigtrain's side trained with (the same decision, its cached self-check)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bigtrain.models import preset_config
+    from bigtrain.models import choose_attention, preset_config
 
     ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     hf_config = preset_config(cfg.model.preset, cfg.model.config, vocab_size=((len(tok) + 63) // 64) * 64, special_ids=ids)
     hf_config.use_cache = False
     torch.manual_seed(cfg.train.seed)
-    attn = cfg.model.attn_implementation if cfg.model.attn_implementation != "auto" else ("sdpa" if on_cpu else "bigtrain_triton")
+    attn, _ = choose_attention(cfg, on_cpu, precision, local_rank, lambda line: None)  # bigtrain's side warned already
     if attn == "bigtrain_triton":
         import bigtrain.kernels  # noqa: F401
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn)
