@@ -131,9 +131,7 @@ class Trainer:
         self.precision = precision_of(self.ds_config)
         self.global_batch = check_batch(cfg, self.env.world_size, lambda k: where_of(cfg, k))
         self.task = build_task(cfg)
-        # Before anything is written: an explicit bigtrain_triton that fails its self-check stops here.
-        self.attn, self.attn_fallback = choose_attention(cfg, self.on_cpu, self.precision, self.env.local_rank, self.logger.warning)
-        self.task.segment_ids = cfg.task in ("clm", "sft") and self.attn == "bigtrain_triton"
+        self._choose_attention()  # before anything is written: a failed explicit choice stops here
         self.checkpointer = Checkpointer(self.output_dir, self.env.rank, cfg.train.keep_last, self.task.best_metric)
         try:
             self._before_group(resume, overwrite, trust_checkpoint)
@@ -263,6 +261,13 @@ class Trainer:
             for name in RUN_MARKERS + OTHER_OUTPUTS:
                 p = self.output_dir / name
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def _choose_attention(self) -> None:
+        """The attention the run uses (bigtrain_triton only once its self-check passed here) and
+        whether the task hands the model its documents' segment ids (the fused kernel's packing)."""
+        cfg = self.cfg
+        self.attn, self.attn_fallback = choose_attention(cfg, self.on_cpu, self.precision, self.env.local_rank, self.logger.warning)
+        self.task.segment_ids = cfg.task in ("clm", "sft") and self.attn == "bigtrain_triton"
 
     def _needs_universal(self, ckpt: Path) -> bool:
         """A ZeRO checkpoint written at another world size is partitioned for that world size:
