@@ -6,7 +6,7 @@ STAMP := $(VENV)/.bigtrain-installed
 # Test files run in parallel (pytest-xdist), each file whole on one worker so its shared runs are made once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test test-latest pin setup clean
+.PHONY: demo test test-latest pin setup clean models-page
 
 setup: $(STAMP)
 
@@ -29,6 +29,13 @@ test-latest:
 # After a green run: write constraints.txt from that environment (make pin VENV=.venv-latest).
 pin:
 	VENV=$(VENV) bash scripts/pin_deps.sh
+
+# docs/models.md from the model-family matrix's measurements (tests/test_models.py).
+models-page: setup
+	mkdir -p runs
+	BIGTRAIN_MATRIX_OUT=runs/models-matrix.json $(VENV)/bin/pytest -q tests/test_models.py \
+		--deselect tests/test_models.py::test_docs_models_page_is_what_the_suite_measured
+	$(PY) scripts/models_table.py runs/models-matrix.json docs/models.md
 
 clean:
 	rm -rf runs .pytest_cache

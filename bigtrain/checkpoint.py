@@ -529,29 +529,63 @@ def prune(root: Path, keep_last: int, upto: Optional[int] = None) -> None:
 UNIVERSAL_SUFFIX = "_universal"
 
 
+# Checkpoints smaller than this convert inside the calling process: DeepSpeed is imported there
+# already, and a second interpreter costs ~4 CPU-seconds of imports. Larger ones convert in a
+# process of their own, whose memory (every rank's fp32 states, merged) ends with it.
+IN_PROCESS_BYTES = 1 << 30
+
+
 def to_universal(ckpt: Path) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal (world-size independent) format, once."""
-    import subprocess
-    import sys
-
     out = ckpt.parent / (ckpt.name + UNIVERSAL_SUFFIX)
     if (out / "zero").is_dir():
         return out
     tmp = ckpt.parent / (".tmp-" + out.name)
     shutil.rmtree(tmp, ignore_errors=True)
     source = _sequence_parallel_view(ckpt)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source or ckpt), "--output_folder", str(tmp),
-           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    args = ["--input_folder", str(source or ckpt), "--output_folder", str(tmp),
+            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        size = sum(p.stat().st_size for p in ckpt.iterdir() if p.is_file())
+        failure = _ds_to_universal_here(args) if size < IN_PROCESS_BYTES else _ds_to_universal_process(args)
     finally:
         if source is not None:
             shutil.rmtree(source, ignore_errors=True)
-    if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["unknown error"]
-        raise UserError(f"--resume: converting {ckpt} to a universal checkpoint failed: {tail[0]}")
+    if failure is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--resume: converting {ckpt} to a universal checkpoint failed: {failure}")
     tmp.rename(out)
     return out
+
+
+def _ds_to_universal_here(args: list[str]) -> Optional[str]:
+    """DeepSpeed's ds_to_universal in this process (one worker each: it forks nothing); its
+    progress output is kept off the run's log. None, or the failure's message."""
+    import contextlib
+    import io
+    import sys
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv, sys.argv = sys.argv, ["ds_to_universal", *args]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(ds_to_universal.parse_arguments())
+    except Exception as e:  # noqa: BLE001 - any failure of the conversion is reported as one line
+        return (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    finally:
+        sys.argv = argv
+    return None
+
+
+def _ds_to_universal_process(args: list[str]) -> Optional[str]:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", *args], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    return ((r.stderr or r.stdout).strip().splitlines()[-1:] or ["unknown error"])[0]
 
 
 def _sequence_parallel_view(ckpt: Path) -> Optional[Path]:

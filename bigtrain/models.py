@@ -268,40 +268,95 @@ def count_parameters(model) -> int:
 # --------------------------------------------------------------------------- building the trainer's model
 
 
-def attn_implementation(choice: str, on_cpu: bool) -> str:
-    """model.attn_implementation before the self-check: "auto" is torch's SDPA on CPU, bigtrain's
-    fused kernel on a GPU (see :func:`choose_attention` for what a run uses)."""
-    if choice == "auto":
-        return "sdpa" if on_cpu else "bigtrain_triton"
-    return choice
-
-
-def attention_heads(cfg) -> tuple[int, int, int]:
-    """(head_dim, query heads, key/value heads) of the run's model, from its config alone."""
+def run_config(cfg):
+    """The run's transformers config as far as its options say, before the tokenizer is known:
+    enough for the attention decision (the model's family, heads, soft-capping)."""
     if cfg.model.from_pretrained:
         hf = load_pretrained_config(cfg.model.from_pretrained)
         apply_overrides(hf, cfg.model.config)
-    else:
-        hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=None)
+        return hf
+    return preset_config(cfg.model.preset, cfg.model.config, vocab_size=None)
+
+
+def attention_heads(hf) -> tuple[int, int, int]:
+    """(head_dim, query heads, key/value heads) of a transformers config."""
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     return head_dim, heads, getattr(hf, "num_key_value_heads", None) or heads
 
 
+def sliding_window_of(hf) -> Optional[int]:
+    """The sliding window some layer of the model attends within (None: every layer sees the
+    whole sequence). Newer configs list each layer's kind in layer_types; older ones set
+    sliding_window (Qwen2 only with use_sliding_window)."""
+    window = getattr(hf, "sliding_window", None) or getattr(hf, "local_attention", None)
+    kinds = getattr(hf, "layer_types", None)
+    if kinds is not None:
+        return window if any("sliding" in str(k) for k in kinds) else None
+    return window if getattr(hf, "use_sliding_window", True) else None
+
+
+def model_class(task: str, hf):
+    """The transformers class `task`'s model of this config is built as (None: no such head)."""
+    try:
+        return auto_class(task)._model_mapping[type(hf)]
+    except KeyError:
+        return None
+
+
+def exact_attention(cls) -> str:
+    """The exact attention transformers runs for this class: torch's SDPA, or its own "eager"
+    code for families whose attention SDPA cannot express (Gemma 2's soft-capped scores,
+    DeBERTa's relative positions)."""
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def fused_attention_refusal(hf, cls) -> Optional[str]:
+    """Why bigtrain's fused kernel cannot compute this family's attention (None: it can). A
+    family the kernel would compute differently is refused, never run with other math."""
+    family = getattr(hf, "model_type", "this")
+    if cls is not None and not getattr(cls, "_supports_attention_backend", False):
+        return f"{family} models compute attention in their own code, not through transformers' attention interface"
+    softcap = getattr(hf, "attn_logit_softcapping", None)
+    if softcap:
+        return f"{family} soft-caps its attention scores (attn_logit_softcapping={softcap}), which the kernel does not compute"
+    return None
+
+
+def attn_implementation(choice: str, on_cpu: bool, hf, cls, where: str) -> str:
+    """model.attn_implementation before the self-check. "auto" is bigtrain's fused kernel on a GPU
+    where it computes the family's attention, else the family's exact attention in transformers
+    (SDPA, or "eager" where SDPA cannot express it). A choice the family cannot run is an error."""
+    exact = exact_attention(cls)
+    if choice == "sdpa" and exact == "eager":
+        raise UserError(f"{where}: {hf.model_type} models cannot run attn_implementation=sdpa in transformers "
+                        f"(their attention is not plain scaled dot-product); use eager (auto picks it)")
+    if choice in ("sdpa", "eager"):
+        return choice
+    refusal = fused_attention_refusal(hf, cls)
+    if choice == "auto" and (on_cpu or refusal is not None):
+        return exact
+    if refusal is not None:
+        raise UserError(f"{where}: bigtrain_triton cannot run this model: {refusal}; use model.attn_implementation={exact} (auto picks it)")
+    return "bigtrain_triton"
+
+
 def choose_attention(cfg, on_cpu: bool, precision: str, local_rank: int, warn) -> tuple[str, Optional[str]]:
     """The attention a run uses, and why it fell back (None when it did not).
 
-    bigtrain's fused kernel is used only once its self-check passed on this GPU, in this dtype and
-    head shape (bigtrain/kernels/selfcheck.py, cached per combination). "auto" falls back to SDPA
-    with one warning; "bigtrain_triton" asked for explicitly stops with an error instead."""
+    bigtrain's fused kernel (see :func:`attn_implementation` for when it is a candidate) is used
+    only once its self-check passed on this GPU, in this dtype and head shape
+    (bigtrain/kernels/selfcheck.py, cached per combination): "auto" falls back to the family's
+    exact attention with one warning; "bigtrain_triton" asked for explicitly stops with an error."""
     from bigtrain.config import cache_root, where_of
     from bigtrain.kernels.attention import _interpret_requested
 
-    choice = cfg.model.attn_implementation
-    attn = attn_implementation(choice, on_cpu)
+    choice, where = cfg.model.attn_implementation, where_of(cfg, "model.attn_implementation")
+    hf = run_config(cfg)
+    cls = model_class(cfg.task, hf)
+    attn = attn_implementation(choice, on_cpu, hf, cls, where)
     if attn != "bigtrain_triton":
         return attn, None
-    where = where_of(cfg, "model.attn_implementation")
     if on_cpu and not _interpret_requested():
         raise UserError(f"{where}: bigtrain_triton needs a CUDA GPU and this machine has none; use "
                         "model.attn_implementation=sdpa (or auto), or set TRITON_INTERPRET=1 to run the kernel "
@@ -311,15 +366,16 @@ def choose_attention(cfg, on_cpu: bool, precision: str, local_rank: int, warn) -
     from bigtrain.kernels.selfcheck import DTYPES, verify
 
     device = torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
-    head_dim, heads_q, heads_kv = attention_heads(cfg)
+    head_dim, heads_q, heads_kv = attention_heads(hf)
     verdict = verify(DTYPES[precision], head_dim, heads_q, heads_kv, device, cache_root(cfg),
                      seq=128 if on_cpu else 192)
     if verdict.ok:
         return attn, None
+    exact = exact_attention(cls)
     if choice == "bigtrain_triton":
-        raise UserError(f"{where}: {verdict.why()}; use model.attn_implementation=sdpa (auto falls back by itself)")
-    warn(f"warning: {verdict.why()}; training with attn_implementation=sdpa instead")
-    return "sdpa", verdict.why()
+        raise UserError(f"{where}: {verdict.why()}; use model.attn_implementation={exact} (auto falls back by itself)")
+    warn(f"warning: {verdict.why()}; training with attn_implementation={exact} instead")
+    return exact, verdict.why()
 
 
 def model_config(cfg, tokenizer, task):

@@ -142,10 +142,50 @@ def check_model(cfg, hf_config, where_of) -> None:
             if count and count % n:
                 raise UserError(f"{where_of(key)}: {key.split('.')[1]}={n} does not divide the model's {count} {what} "
                                 f"({hf_config.model_type}); each rank must hold whole heads")
-    if ds.tensor_parallel > 1 and not getattr(hf_config, "base_model_tp_plan", None):
-        raise UserError(f"{where_of('deepspeed.tensor_parallel')}: DeepSpeed's AutoTP cannot split model type "
+    if ds.tensor_parallel > 1:
+        _check_tp_plan(hf_config, where_of)
+    if ds.sequence_parallel > 1:
+        _check_ulysses(cfg, hf_config, where_of)
+
+
+def _check_ulysses(cfg, hf_config, where_of) -> None:
+    """What DeepSpeed's Ulysses cannot split correctly, refused before any rank starts."""
+    from bigtrain.models import exact_attention, model_class, sliding_window_of
+
+    where, family = where_of("deepspeed.sequence_parallel"), hf_config.model_type
+    if getattr(hf_config, "num_key_value_heads", None) is None:
+        raise UserError(f"{where}: DeepSpeed's Ulysses cannot split '{family}' models: it reads the config's "
+                        f"num_key_value_heads, which {family} configs do not have; use ZeRO alone")
+    window = sliding_window_of(hf_config)
+    if window:
+        # Measured (tests/test_models.py): Mistral and Gemma 3 trained with other losses than one
+        # process, as if the window were not there.
+        raise UserError(f"{where}: DeepSpeed's Ulysses cannot split '{family}' models with sliding-window attention "
+                        f"(sliding_window={window}): each rank builds the window's mask for its own slice of the "
+                        "sequence, so attention would differ from one process; use ZeRO alone")
+    attn = cfg.model.attn_implementation
+    if attn == "eager" or (attn == "auto" and exact_attention(model_class(cfg.task, hf_config)) == "eager"):
+        raise UserError(f"{where}: DeepSpeed's Ulysses wraps transformers' registered attention functions, and "
+                        f"{family} runs its own eager attention; use ZeRO alone")
+
+
+def _check_tp_plan(hf_config, where_of) -> None:
+    """AutoTP splits a model by its transformers tensor-parallel plan, and DeepSpeed refuses a
+    plan with a partition style it does not apply (its SUPPORTED_STYLES): say so before any rank starts."""
+    import deepspeed
+    from deepspeed.module_inject.tp_plan_converter import SUPPORTED_STYLES
+
+    plan = getattr(hf_config, "base_model_tp_plan", None)
+    where = where_of("deepspeed.tensor_parallel")
+    if not plan:
+        raise UserError(f"{where}: DeepSpeed's AutoTP cannot split model type "
                         f"'{hf_config.model_type}' (no transformers tensor-parallel plan; GPT-2's Conv1D layers are refused "
                         "by AutoTP); use a Llama-family model such as model.preset=llama-tiny, or ZeRO alone")
+    unsupported = sorted({style for style in plan.values() if style.lower() not in SUPPORTED_STYLES})
+    if unsupported:
+        raise UserError(f"{where}: DeepSpeed's AutoTP cannot split model type '{hf_config.model_type}': its transformers "
+                        f"tensor-parallel plan uses {', '.join(unsupported)}, which DeepSpeed {deepspeed.__version__} does not "
+                        "apply; use ZeRO alone or sequence parallelism")
 
 
 def check_model_before_launch(cfg, where_of) -> None:

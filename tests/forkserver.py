@@ -130,6 +130,9 @@ def _preimport() -> None:
         # child's bigtrain.kernels still reads TRITON_INTERPRET from its own environment.)
         os.environ["TRITON_INTERPRET"] = "1"
     import deepspeed  # noqa: F401
+    # Every ZeRO engine's optimizer check imports DeepSpeed's Muon, whose torch.compile decorator
+    # imports inductor: ~1.3 s per rank.
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     import transformers.models.bert.modeling_bert  # noqa: F401
     import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     import transformers.models.llama.modeling_llama  # noqa: F401
@@ -144,6 +147,21 @@ def _preimport() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
     import torch.utils.tensorboard  # noqa: F401
+
+    # The model-family matrix (tests/test_models.py) starts ~50 runs of these.
+    import families
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    for name, (model_type, _) in families.FAMILIES.items():
+        head = AutoModelForCausalLM if name in families.CAUSAL else AutoModelForMaskedLM
+        head._model_mapping[type(AutoConfig.for_model(model_type))]  # imports the modeling module
+    # Everything imported so far lives as long as the server: move it out of the garbage
+    # collector's sight, so a child's collections (DeepSpeed and bigtrain call gc.collect()) do not
+    # walk the millions of objects of torch and transformers (~0.3 s each), nor touch their pages.
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def _child(request: dict, fds: list[int], keep_closed: list) -> None:

@@ -19,7 +19,7 @@ import bigtrain.models
 from bigtrain.cli import main
 
 _choice = bigtrain.models.attn_implementation
-bigtrain.models.attn_implementation = lambda choice, on_cpu: _choice(choice, False)
+bigtrain.models.attn_implementation = lambda choice, on_cpu, *rest: _choice(choice, False, *rest)
 
 
 def _write_launches() -> None:
