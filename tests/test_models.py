@@ -34,6 +34,9 @@ LAYOUTS = {
     "sp2": ["deepspeed.zero_stage=1", "deepspeed.sequence_parallel=2", "train.micro_batch_size=4", "--nproc", "2"],
 }
 CAUSAL, ENCODERS = list(families.CAUSAL), list(families.ENCODERS)
+# Two families whose parallel layouts also run in bf16 (CPU bf16, DeepSpeed's own bf16 path).
+BF16 = ("llama3", "qwen3")
+LORA_ZERO2 = "qwen2"
 
 
 def task_of(name: str) -> str:
@@ -76,6 +79,14 @@ def runs(cli, corpus, zoo, tmp_path_factory) -> dict:
             d = root / name / "resume"
             step2 = root / name / "train" / "checkpoints" / "step_00000002"
             out[name, "resume"] = (cli([*base, f"output_dir={d}", *LAYOUTS["train"], "--resume", str(step2)]), d)
+        if name in BF16:  # the parallel layouts in bf16 too
+            for layout in ("train", "tp2", "sp2"):
+                d = root / name / f"{layout}-bf16"
+                out[name, f"{layout}-bf16"] = (cli([*base, f"output_dir={d}", *LAYOUTS[layout], "deepspeed.precision=bf16"]), d)
+        if name == LORA_ZERO2:
+            d = root / name / "lora-zero2"
+            out[name, "lora-zero2"] = (cli([*base, f"output_dir={d}", "model.lora.r=4", "deepspeed.zero_stage=2",
+                                            "train.micro_batch_size=2", "--nproc", "2"]), d)
     return out
 
 
@@ -151,6 +162,38 @@ def test_a_split_family_trains_as_the_zero3_run_or_is_refused(runs, name, layout
     for s in got:
         for x, y, what in zip(got[s], want[s], ("loss", "grad_norm")):
             assert abs(x - y) <= 1e-5 * abs(y), (name, layout, s, what, x, y)
+
+
+@pytest.mark.parametrize("layout", ["tp2", "sp2"])
+@pytest.mark.parametrize("name", BF16)
+def test_bf16_parallel_layouts_train_as_the_bf16_zero3_run(runs, name, layout):
+    """bf16 rounds each layout's sums differently: per-step losses within 2e-2 relative (a bf16
+    value has 8 bits of mantissa, 4e-3; four steps of drift between two roundings), gradient norms
+    within 5e-2; and the run really was bf16 (its startup line)."""
+    (r, d), (r0, d0) = runs[name, f"{layout}-bf16"], runs[name, "train-bf16"]
+    assert r.returncode == 0 and r0.returncode == 0, (r.stderr[-2000:], r0.stderr[-2000:])
+    assert ", bf16," in r.stderr and ", bf16," in r0.stderr, r.stderr[-2000:]
+    got, want = curve(d), curve(d0)
+    assert sorted(got) == [1, 2, 3, 4], got
+    for s in got:
+        assert abs(got[s][0] - want[s][0]) <= 2e-2 * abs(want[s][0]), (s, got[s], want[s])
+        assert abs(got[s][1] - want[s][1]) <= 5e-2 * abs(want[s][1]), (s, got[s], want[s])
+    fp32 = curve(runs[name, layout][1])
+    assert any(got[s][0] != fp32[s][0] for s in got), "the bf16 run gave the fp32 run's losses exactly"
+
+
+def test_lora_under_zero2_changes_only_the_adapted_modules(runs, zoo):
+    """LoRA with peft's defaults (q_proj, v_proj for Qwen2) on 2 ranks under ZeRO-2: the merged
+    export differs from the base model exactly in the adapted weights."""
+    from safetensors.torch import load_file
+
+    r, d = runs[LORA_ZERO2, "lora-zero2"]
+    assert r.returncode == 0 and "LoRA r=4" in r.stderr and "ZeRO-2" in r.stderr, r.stderr[-3000:]
+    base, merged = load_file(str(zoo / LORA_ZERO2 / "model.safetensors")), load_file(str(d / "model" / "model.safetensors"))
+    assert base.keys() == merged.keys()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    adapted = {k for k in base if k.endswith(("q_proj.weight", "v_proj.weight"))}
+    assert changed == adapted, sorted(changed ^ adapted)
 
 
 @pytest.mark.parametrize("name", list(families.FAMILIES))
