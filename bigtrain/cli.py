@@ -195,7 +195,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
         on_cpu = setup_accelerator()
         check_batch(cfg, ns.nproc, lambda key: where_of(cfg, key))
-        check_model_before_launch(cfg, lambda key: where_of(cfg, key))
+        check_model_before_launch(cfg, lambda key: where_of(cfg, key), ns.nproc)
         check_output_dir(cfg, ns.overwrite, ns.resume)
         build_ds_config(cfg, ns.nproc, on_cpu)
         build_task(cfg).prepare(0, False, lambda *a: print(*a, file=sys.stderr, flush=True))

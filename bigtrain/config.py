@@ -217,6 +217,9 @@ class DeepSpeedConfig:
     # data-parallel size is world size / (tensor_parallel x sequence_parallel).
     tensor_parallel: int = 1
     sequence_parallel: int = 1
+    # Mixture-of-experts models (bigtrain/moe.py): the experts split over this many ranks
+    # (DeepSpeed AutoEP); the other weights stay data parallel over the whole world.
+    expert_parallel: int = 1
 
 
 @dataclass

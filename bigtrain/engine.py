@@ -229,9 +229,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    # Named: DeepSpeed's expert parallelism splits each group into expert and shared parameters by name.
+    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0})
     return groups
 
 
@@ -278,6 +279,10 @@ def initialize(model, ds_config: dict, weight_decay: float, mpu=None):
     """`deepspeed.initialize` with bigtrain's parameter groups (and Ulysses' mpu); returns the engine."""
     import deepspeed
 
+    if ds_config.get("expert_parallel", {}).get("enabled"):
+        from bigtrain.moe import install_autoep_compat
+
+        install_autoep_compat()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay), config=ds_config, mpu=mpu)
     return engine
 
@@ -294,7 +299,7 @@ def compile_engine(engine) -> None:
       autograd and DeepCompile), and its ZeRO-3 parameter-gathering hooks are
       `torch.compiler.disable`d: they run eager between the compiled pieces.
     - It uses the accelerator's backend: inductor on CUDA and on CPU (a C++ compiler is needed).
-    Checked on CPU here (DeepSpeed 0.19.8, torch 2.13): ZeRO 0-3, losses equal to eager to ~1e-7
+    Checked on CPU here (DeepSpeed 0.19.8, torch 2.13): ZeRO-0, losses equal to eager to ~1e-7
     (tests/test_compile.py). DeepCompile (ds_config `compile.deepcompile`) stays off unless the
     user's deepspeed.config turns it on; this is plain torch.compile of the model.
     Compiling is lazy: the first forward in training mode (and the first evaluation, without

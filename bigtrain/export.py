@@ -178,6 +178,10 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
 
     config = load_pretrained_config(str(hf), where="export")
     state = read_state(ckpt)
+    if state.get("expert_parallel", 1) > 1:
+        raise UserError(f"export: checkpoint {ckpt} was trained with deepspeed.expert_parallel={state['expert_parallel']}: "
+                        "exporting expert-parallel checkpoints (AutoEP's experts back into the Hugging Face layout) "
+                        "is not supported yet")
     if state.get("lora") or adapter_only:
         if not state.get("lora"):
             raise UserError(f"export --adapter-only: checkpoint {ckpt} has no LoRA adapters (model.lora.r was 0)")

@@ -48,9 +48,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
         rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
     ),
+    # Mixtures of experts (bigtrain/moe.py): tiny ones for CPU tests (4 and 8 experts, top-2),
+    # and the shapes of Mixtral 8x7B and Qwen3-30B-A3B for `bigtrain estimate` and clusters.
+    "mixtral-tiny": dict(
+        model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=1024,
+        router_aux_loss_coef=0.02, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    "qwen3-moe-tiny": dict(
+        model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=1024,
+        router_aux_loss_coef=0.001, tie_word_embeddings=False,
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+        rope_theta=1e6, router_aux_loss_coef=0.02, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, max_position_embeddings=40960,
+        rope_theta=1e6, router_aux_loss_coef=0.001, tie_word_embeddings=False,
+    ),
 }
 # The vocabulary of the original GPT-2 / Llama 3 tokenizers (used when no tokenizer is known).
-PRESET_VOCAB = {"gpt2": 50257, "llama": 128256, "bert": 30522, "roberta": 50265}
+PRESET_VOCAB = {"gpt2": 50257, "llama": 128256, "bert": 30522, "roberta": 50265, "mixtral": 32000, "qwen3_moe": 151936}
 ENCODER_TYPES = ("bert", "roberta")
 
 # The transformers head of each task.
@@ -403,6 +427,9 @@ def model_config(cfg, tokenizer, task):
     if limit is not None and cfg.data.seq_len > limit:
         raise UserError(f"{where_of(cfg, 'data.seq_len')}: data.seq_len={cfg.data.seq_len} exceeds the model's {limit} positions")
     task.configure(hf)
+    from bigtrain.moe import configure as configure_experts
+
+    configure_experts(hf)  # an MoE model's loss includes its router's load-balancing term
     hf.use_cache = False
     hf.eos_token_id = tokenizer.eos_token_id
     hf.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

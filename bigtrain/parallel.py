@@ -93,7 +93,7 @@ def check_parallel_config(cfg, where_of) -> None:
     from bigtrain.config import _check_range
 
     ds = cfg.deepspeed
-    for key in ("tensor_parallel", "sequence_parallel"):
+    for key in ("tensor_parallel", "sequence_parallel", "expert_parallel"):
         value = getattr(ds, key)
         if not isinstance(value, int) or isinstance(value, bool):
             raise UserError(f"{where_of('deepspeed.' + key)}: 'deepspeed.{key}' must be a whole number, got {value!r}")
@@ -130,8 +130,12 @@ def data_parallel_size(cfg, world: int, where_of=None) -> int:
     return layout.dp
 
 
-def check_model(cfg, hf_config, where_of) -> None:
-    """Model-dependent rules: heads that divide, a model AutoTP knows how to split."""
+def check_model(cfg, hf_config, where_of, world: Optional[int] = None) -> None:
+    """Model-dependent rules: heads that divide, a model AutoTP knows how to split, experts that
+    the expert-parallel size divides."""
+    from bigtrain.moe import check as check_experts
+
+    check_experts(cfg, hf_config, world, where_of)
     ds = cfg.deepspeed
     heads = _first(hf_config, "num_attention_heads", "n_head")
     kv = _first(hf_config, "num_key_value_heads") or heads
@@ -188,11 +192,11 @@ def _check_tp_plan(hf_config, where_of) -> None:
                         "apply; use ZeRO alone or sequence parallelism")
 
 
-def check_model_before_launch(cfg, where_of) -> None:
+def check_model_before_launch(cfg, where_of, world: Optional[int] = None) -> None:
     """`check_model` on the model's config alone (no tokenizer yet): `train --nproc` runs it before
     starting any rank."""
     ds = cfg.deepspeed
-    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1:
+    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1 and ds.expert_parallel == 1:
         return
     from bigtrain.models import apply_overrides, load_pretrained_config, preset_config
 
@@ -201,7 +205,7 @@ def check_model_before_launch(cfg, where_of) -> None:
         apply_overrides(hf, cfg.model.config)
     else:
         hf = preset_config(cfg.model.preset, cfg.model.config, vocab_size=None, where=where_of("model.preset"))
-    check_model(cfg, hf, where_of)
+    check_model(cfg, hf, where_of, world)
 
 
 def _first(obj, *names) -> Optional[int]:
@@ -222,6 +226,9 @@ def ds_config_entries(cfg) -> dict[str, Any]:
         out["tensor_parallel"] = {"autotp_size": ds.tensor_parallel, "vocab_parallel_lm_head": False}
     if ds.sequence_parallel > 1:
         out["sequence_parallel_size"] = ds.sequence_parallel
+    from bigtrain.moe import ds_config_entry
+
+    out.update(ds_config_entry(cfg))
     return out
 
 

@@ -42,6 +42,7 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
+from bigtrain.moe import RouterMonitor, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -174,7 +175,7 @@ class Trainer:
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         self.logger.info(
             f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self._parameters_text()}), "
-            f"{self.layout.describe()}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
+            f"{self.layout.describe()}{self._experts_text()}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {self.task.describe()}"
         )
 
@@ -187,6 +188,13 @@ class Trainer:
         return (f"LoRA r={self.lora['r']}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
                 f"({100 * trainable / max(total, 1):.2f}%)")
 
+    def _experts_text(self) -> str:
+        if self.router is None:
+            return ""
+        ep = self.cfg.deepspeed.expert_parallel
+        split = f", expert parallel {ep} ({self.router.experts // ep} of {self.router.experts} experts per rank)" if ep > 1 else ""
+        return f"{split}, top-{self.router.top_k} routing"
+
     def _lm_loss(self) -> Optional[ChunkedLMLoss]:
         """train.chunked_loss: the causal-LM loss in chunks of tokens (bigtrain/loss.py), checked
         against the model's own logits by one short forward; None: the model's own loss."""
@@ -195,6 +203,8 @@ class Trainer:
         if not chunked_loss_wanted(setting, cfg.task, cfg.train.micro_batch_size, cfg.data.seq_len, vocab, self.layout.sp):
             return None
         try:
+            if self.router is not None:
+                raise ValueError("its loss includes the router's load-balancing term, which the chunked loss does not compute")
             lm_loss = ChunkedLMLoss.for_model(self.engine.module, vocab)
             why = lm_loss.check(self.engine, self.device)
             if why is not None:
@@ -273,6 +283,11 @@ class Trainer:
         """A ZeRO checkpoint written at another world size is partitioned for that world size:
         it is converted to DeepSpeed's universal format once (rank 0) and loaded as such."""
         saved = read_state(ckpt)
+        ep = saved.get("expert_parallel", 1)
+        if ep != self.cfg.deepspeed.expert_parallel or (ep > 1 and saved["world_size"] != self.env.world_size):
+            raise UserError(f"--resume: checkpoint {ckpt} was trained with deepspeed.expert_parallel={ep} on {saved['world_size']} "
+                            f"rank(s); resuming an expert-parallel checkpoint in another layout is not supported yet: use "
+                            f"deepspeed.expert_parallel={ep} on {saved['world_size']} rank(s)")
         layout = (saved["world_size"], saved.get("tensor_parallel", 1), saved.get("sequence_parallel", 1))
         changed = layout != (self.env.world_size, self.layout.tp, self.layout.sp)
         return changed and (saved["zero_stage"] >= 1 or saved.get("precision", "fp32") != "fp32")
@@ -303,9 +318,11 @@ class Trainer:
         self.hf_config = model_config(self.cfg, self.tokenizer, self.task)
         check_disk(self.cfg, self.output_dir, count_parameters_meta(self.cfg.task, self.hf_config))
         torch.manual_seed(self.cfg.train.seed)
-        check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k))
+        check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k), self.env.world_size)
         self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, self.attn, self.task.labeled, len(self.tokenizer), self.task)
         self.n_params = count_parameters(self.model)
+        experts = num_experts(self.hf_config)
+        self.router = RouterMonitor(experts, experts_per_token(self.hf_config)) if experts else None
         self.lora = lora_settings(self.cfg, getattr(self.task, "added_tokens", None))
         self.resized_embedding = bool(getattr(self.task, "added_tokens", False)) and bool(self.cfg.model.from_pretrained)
 
@@ -335,7 +352,10 @@ class Trainer:
             return self.shard(self.engine, batch)
         if self.lm_loss is not None and "labels" in batch:  # train.chunked_loss: no full logits
             return self.lm_loss(self.engine, batch)
-        return self.engine(**batch)
+        out = self.engine(**batch)
+        if self.router is not None and self.engine.training:
+            self.router.observe(out)  # on the device; read at log steps
+        return out
 
     def train(self) -> Outcome:
         t = self.cfg.train
@@ -381,6 +401,8 @@ class Trainer:
         self.watchdog.step_started(this_step)
         faults.at_step_start(this_step, self.env.rank)
         result = self.runner.run(micro_batches, this_step, self.samples_seen, self.forward)
+        if self.router is not None:
+            self.router.end_step()
         self.step, self.samples_seen = this_step, self.samples_seen + self.global_batch
         self.watchdog.step_finished()
         self.guard.add(result)
@@ -489,6 +511,8 @@ class Trainer:
             out["grad_norm"] = float(norm)
         if self.guard.loss_scale_watch is not None:
             out["loss_scale"] = self.guard.loss_scale_watch.scale
+        if self.router is not None:
+            out.update(self.router.numbers())
         return out
 
     @property
@@ -501,6 +525,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "world_size": self.env.world_size,
             "tensor_parallel": self.layout.tp,
+            "expert_parallel": self.cfg.deepspeed.expert_parallel,
             "sequence_parallel": self.layout.sp,
             "zero_stage": self.ds_config["zero_optimization"]["stage"],
             "precision": self.precision,
@@ -561,9 +586,14 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
 
-    def _export_and_plot(self) -> Path:
+    def _export_and_plot(self) -> Optional[Path]:
         from bigtrain.export import export
 
+        if self.cfg.deepspeed.expert_parallel > 1:
+            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
+            self.logger.info(f"model: not exported (expert-parallel checkpoints cannot be exported yet); "
+                             f"the checkpoints are in {self.output_dir / 'checkpoints'}")
+            return None
         src, note = self.checkpointer.export_source()
         if note:
             self.logger.info(note)

@@ -95,7 +95,7 @@ def cli(cache_dir):
 
 # The files that take longest start first, so that no long file is left for the end of the run
 # while the other worker idles (pytest-xdist --dist loadfile hands out files in collection order).
-LONGEST_FIRST = ["test_readme.py", "test_models.py", "test_slurm.py", "test_parallel.py", "test_zero.py", "test_tasks.py", "test_train.py", "test_chat.py",
+LONGEST_FIRST = ["test_readme.py", "test_models.py", "test_slurm.py", "test_moe.py", "test_parallel.py", "test_zero.py", "test_tasks.py", "test_train.py", "test_chat.py",
                  "test_reliability.py"]
 
 

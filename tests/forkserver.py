@@ -155,6 +155,9 @@ def _preimport() -> None:
     for name, (model_type, _) in families.FAMILIES.items():
         head = AutoModelForCausalLM if name in families.CAUSAL else AutoModelForMaskedLM
         head._model_mapping[type(AutoConfig.for_model(model_type))]  # imports the modeling module
+    for model_type in ("mixtral", "qwen3_moe"):  # tests/test_moe.py, with DeepSpeed's AutoEP
+        AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(model_type))]
+    import deepspeed.module_inject.auto_ep  # noqa: F401
     # Everything imported so far lives as long as the server: move it out of the garbage
     # collector's sight, so a child's collections (DeepSpeed and bigtrain call gc.collect()) do not
     # walk the millions of objects of torch and transformers (~0.3 s each), nor touch their pages.

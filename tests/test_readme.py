@@ -58,6 +58,8 @@ SHORTEN = {
         STEPS,
     "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=1 deepspeed.sequence_parallel=2 train.max_steps=100 output_dir=runs/sp2 --nproc 2":
         STEPS,
+    "bigtrain train model.preset=mixtral-tiny deepspeed.zero_stage=1 deepspeed.expert_parallel=2 train.max_steps=100 output_dir=runs/ep2 --nproc 2":
+        STEPS,
     'WANDB_MODE=offline bigtrain train train.max_steps=50 "train.report_to=[tensorboard,wandb,mlflow]" train.wandb.project=my-project --overwrite':
         STEPS,
     # The traced window moved to steps 2-3 of 4 (the default model's steps are the cost here).

@@ -1,0 +1,161 @@
+"""Mixture-of-experts models: expert parallelism through DeepSpeed's AutoEP, and router health.
+
+Expert parallelism (`deepspeed.expert_parallel: N`).  DeepSpeed's AutoEP replaces each MoE block
+of a transformers model (Mixtral, Qwen3-MoE, ...) with its own layer whose experts are split over
+N ranks: a token's hidden state travels (all-to-all) to the ranks holding its top-k experts and
+back. The experts' memory is divided by N; the non-expert weights stay data-parallel over the
+whole world. The router, its top-k choice and the model's loss are transformers' own, so the
+per-step losses and gradient norms equal one process's (tests/test_moe.py).
+
+The loss.  bigtrain sets the model's `output_router_logits`, so transformers adds the
+load-balancing loss times the model's own `router_aux_loss_coef` to the language-model loss it
+returns: that sum is what trains. The auxiliary loss is also recorded on its own (`aux_loss`).
+
+Router health.  At log steps metrics.jsonl gets `aux_loss` and `expert_load`: per MoE layer the
+largest number of tokens routed to one expert over the mean per expert (1.0 = perfectly balanced,
+the number of experts = every token to one expert), from the last micro-batch's router logits.
+It is computed on the device at every step and read with the step's other numbers at log steps.
+transformers' MoE blocks drop no tokens, so no drop fraction is reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from bigtrain.errors import UserError
+
+# The config attributes that hold the number of experts and the experts per token, per family.
+_EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")
+
+
+def num_experts(hf_config) -> Optional[int]:
+    """The number of routed experts of an MoE config (None: a dense model)."""
+    for name in _EXPERTS:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def experts_per_token(hf_config) -> int:
+    for name in _TOP_K:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1
+
+
+def configure(hf_config) -> None:
+    """An MoE model returns its router logits, so its loss includes the load-balancing term."""
+    if num_experts(hf_config) is not None:
+        hf_config.output_router_logits = True
+
+
+def check(cfg, hf_config, world: Optional[int], where_of) -> None:
+    """deepspeed.expert_parallel against the model and the layout, before any rank starts."""
+    ep = cfg.deepspeed.expert_parallel
+    if ep == 1:
+        return
+    where, experts = where_of("deepspeed.expert_parallel"), num_experts(hf_config)
+    if experts is None:
+        raise UserError(f"{where}: deepspeed.expert_parallel={ep}, but {hf_config.model_type} is a dense model (no experts); "
+                        "use a mixture of experts such as model.preset=mixtral-tiny, or expert_parallel=1")
+    if experts % ep:
+        raise UserError(f"{where}: deepspeed.expert_parallel={ep} does not divide the model's {experts} experts; "
+                        "each rank must hold the same number of whole experts")
+    if cfg.deepspeed.tensor_parallel > 1 or cfg.deepspeed.sequence_parallel > 1:
+        raise UserError(f"{where}: expert parallelism with tensor or sequence parallelism is not supported (DeepSpeed's "
+                        "AutoEP folding refuses Ulysses, and ZeRO-3 or offload with tensor parallelism); use one of them")
+    if world is not None and world % ep:
+        raise UserError(f"{where}: the world size {world} does not divide into expert-parallel groups of {ep}; "
+                        f"use a multiple of {ep} ranks")
+
+
+def ds_config_entry(cfg) -> dict[str, Any]:
+    """The ds_config's expert_parallel section (empty for expert_parallel=1)."""
+    ep = cfg.deepspeed.expert_parallel
+    if ep == 1:
+        return {}
+    import torch
+
+    # Grouped GEMMs need a GPU; on CPU the experts run one matmul each.
+    return {"expert_parallel": {"enabled": True, "autoep_size": ep, "use_grouped_mm": torch.cuda.is_available()}}
+
+
+def install_autoep_compat() -> None:
+    """Let DeepSpeed 0.19.8's AutoEP read transformers >= 5.23's output-capture registry.
+
+    transformers 5.23 made `utils.output_capturing._CAN_RECORD_REGISTRY` a dict subclass whose
+    `get(model)` takes a model (and no default) and whose `__setitem__` keys by the model's class.
+    AutoEP (deepspeed/module_inject/auto_ep_presets/base.py) still treats it as a plain dict of
+    class-name keys: `registry.get(key, default)` fails with "_CanRecordRegistry.get() takes 2
+    positional arguments but 3 were given". This gives the registry object a subclass that answers
+    both: string keys as a plain dict, models as transformers does. Remove it when DeepSpeed's
+    AutoEP calls the registry the new way (tests/test_moe.py passes with this function a no-op).
+    """
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    base = type(registry)
+    if registry is None or base is dict or getattr(base, "_bigtrain_compat", False):
+        return
+
+    class _Registry(base):
+        _bigtrain_compat = True
+
+        def get(self, key, default=None):
+            if isinstance(key, str):
+                return dict.get(self, key, default)
+            return super().get(key)
+
+        def __setitem__(self, key, value) -> None:
+            if isinstance(key, str):
+                dict.__setitem__(self, key, value)
+            else:
+                super().__setitem__(key, value)
+
+    registry.__class__ = _Registry
+
+
+class RouterMonitor:
+    """The last step's router numbers, kept on the device until a log step reads them."""
+
+    def __init__(self, experts: int, top_k: int) -> None:
+        self.experts, self.top_k = experts, top_k
+        self.aux = None  # the mean auxiliary loss over the step's micro-batches (0-d tensor)
+        self.load = None  # per layer: max tokens per expert / mean (1-d tensor)
+        self._aux_sum, self._count = None, 0
+
+    def observe(self, output) -> None:
+        """After each training forward: the auxiliary loss and the router's choices (no host read)."""
+        import torch
+
+        aux = getattr(output, "aux_loss", None)
+        if aux is not None:
+            aux = aux.detach().float()
+            self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
+            self._count += 1
+        logits = getattr(output, "router_logits", None)
+        if logits:
+            loads = []
+            for layer in logits:
+                chosen = layer.detach().topk(self.top_k, dim=-1).indices.reshape(-1)
+                counts = torch.bincount(chosen, minlength=self.experts).float()
+                loads.append(counts.max() / counts.mean().clamp_min(1e-9))
+            self.load = torch.stack(loads)
+
+    def end_step(self) -> None:
+        if self._count:
+            self.aux, self._aux_sum, self._count = self._aux_sum / self._count, None, 0
+
+    def numbers(self) -> dict:
+        """Host values for metrics.jsonl (a log step: the one place the device is read)."""
+        out: dict = {}
+        if self.aux is not None:
+            out["aux_loss"] = float(self.aux)
+        if self.load is not None:
+            out["expert_load"] = [round(float(x), 4) for x in self.load.tolist()]
+        return out

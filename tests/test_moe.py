@@ -1,0 +1,149 @@
+"""Mixture of experts with expert parallelism (DeepSpeed AutoEP, bigtrain/moe.py) against one process.
+
+The reference for a layout is one process with the same micro-batch size and as many
+gradient-accumulation steps as the layout has data-parallel ranks: the router's load-balancing
+loss is computed per micro-batch, so only the same micro-batches give the same loss. Real ranks
+on gloo, real DeepSpeed, transformers' own Mixtral and Qwen3-MoE.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+BASE = ["data.vocab_size=512", "data.seq_len=64", "train.max_steps=4", "train.log_every=1", "train.save_every=2",
+        "train.keep_last=5", "train.eval_every=4", "train.eval_batches=1", "train.warmup_steps=0", "train.lr=1e-2",
+        "train.progress=false", "train.sample_tokens=0"]  # no sample: as common.SMALL (see there)
+RUNS = {
+    # name: (preset, layout arguments)
+    "ref": ("mixtral-tiny", ["deepspeed.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum=2"]),
+    "ep2": ("mixtral-tiny", ["deepspeed.zero_stage=1", "train.micro_batch_size=2", "deepspeed.expert_parallel=2", "--nproc", "2"]),
+    "ref_micro1": ("mixtral-tiny", ["deepspeed.zero_stage=1", "train.micro_batch_size=1", "train.grad_accum=4"]),
+    "ep2_dp2": ("mixtral-tiny", ["deepspeed.zero_stage=1", "train.micro_batch_size=1", "deepspeed.expert_parallel=2", "--nproc", "4"]),
+    "qwen_ref": ("qwen3-moe-tiny", ["deepspeed.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum=2"]),
+    "qwen_ep2_z3": ("qwen3-moe-tiny", ["deepspeed.zero_stage=3", "train.micro_batch_size=2", "deepspeed.expert_parallel=2", "--nproc", "2"]),
+}
+REFERENCE = {"ep2": "ref", "ep2_dp2": "ref_micro1", "qwen_ep2_z3": "qwen_ref"}
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def curve(run: Path) -> dict[int, tuple[float, float]]:
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in records(run) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(cli, corpus, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for name, (preset, layout) in RUNS.items():
+        r = cli(["train", f"model.preset={preset}", f"data.train_files={corpus}", *BASE, f"output_dir={root / name}", *layout])
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        out[name] = (root / name, r.stderr)
+    step2 = root / "ep2" / "checkpoints" / "step_00000002"
+    r = cli(["train", "model.preset=mixtral-tiny", f"data.train_files={corpus}", *BASE, f"output_dir={root / 'resumed'}",
+             *RUNS["ep2"][1], "--resume", str(step2)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out["resumed"] = (root / "resumed", r.stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_expert_parallel_training_equals_one_process(runs, name):
+    (run, log), (ref, _) = runs[name], runs[REFERENCE[name]]
+    got, want = curve(run), curve(ref)
+    assert sorted(got) == [1, 2, 3, 4], got
+    for s in got:
+        for x, y, what in zip(got[s], want[s], ("loss", "grad_norm")):
+            assert abs(x - y) <= 1e-5 * abs(y), (name, s, what, x, y)
+    # Expert parallelism really ran: the startup line, and DeepSpeed's own record of the model it
+    # checkpointed: AutoEP's expert layers, each rank's expert tensors holding half the experts.
+    experts = 8 if name.startswith("qwen") else 4
+    assert f"expert parallel 2 ({experts // 2} of {experts} experts per rank)" in log, log[-2000:]
+    ckpt = run / "checkpoints" / "step_00000004"
+    states = next(iter(sorted(ckpt.glob("*model_states.pt"), key=lambda p: "expert" in p.name)))
+    saved = torch.load(states, map_location="cpu", weights_only=False)
+    shapes = {k: tuple(v) for group in saved["param_shapes"] for k, v in group.items()}
+    assert shapes["model.layers.0.mlp.experts.w1"][0] == experts // 2 and shapes["model.layers.0.mlp.router.gate.weight"][0] == experts, shapes
+    if "zero_stage=1" in " ".join(RUNS[name][1]):  # ZeRO-1/2: one file per expert and layer, as DeepSpeed's MoE writes
+        files = {p.name for p in ckpt.glob("layer_*_expert_*_model_states.pt")}
+        assert {f"layer_{layer}_expert_{e}_mp_rank_00_model_states.pt" for layer in (0, 1) for e in range(experts)} <= files, files
+    state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["expert_parallel"] == 2
+
+
+def test_the_loss_includes_the_router_loss_and_its_health_is_logged(runs):
+    run, log = runs["ep2"]
+    rows = [r for r in records(run) if "loss" in r]
+    for r in rows:  # every log step: the auxiliary loss and each layer's max/mean expert load
+        assert r["aux_loss"] > 0 and len(r["expert_load"]) == 2, r
+        assert all(1.0 <= x <= 4 / 2 for x in r["expert_load"]), r  # top-2 of 4: at most 2 x the mean
+    # Without the router term the same model's loss would be lower by coef x aux: transformers adds
+    # it only with output_router_logits, which bigtrain sets (the config saved with the run says so).
+    cfg = json.loads((run / "checkpoints" / "step_00000004" / "hf" / "config.json").read_text())
+    assert cfg["output_router_logits"] is True and cfg["router_aux_loss_coef"] == 0.02
+    assert "model: not exported (expert-parallel checkpoints cannot be exported yet)" in log
+
+
+def test_an_expert_parallel_run_resumes_exactly(runs):
+    straight, resumed = curve(runs["ep2"][0]), curve(runs["resumed"][0])
+    assert "resumed from" in runs["resumed"][1]
+    assert sorted(resumed) == [3, 4] and all(resumed[s] == straight[s] for s in (3, 4)), (resumed, straight)
+
+
+def test_router_load_is_near_one_for_a_random_router_and_k_over_e_for_a_collapsed_one():
+    """RouterMonitor on a real Mixtral forward (random router: near balanced), then on router
+    logits that send every token to experts 0 and 1 (top-2 of 4): max/mean = 4 / 2 exactly."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from bigtrain.moe import RouterMonitor
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                             num_experts_per_tok=2, output_router_logits=True)).eval()
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    monitor = RouterMonitor(4, 2)
+    with torch.no_grad():
+        monitor.observe(model(input_ids=ids, labels=ids))
+    monitor.end_step()
+    fair = monitor.numbers()
+    assert fair["aux_loss"] > 0 and len(fair["expert_load"]) == 2 and all(1.0 <= x < 2.0 for x in fair["expert_load"]), fair
+    collapsed = torch.cat([torch.zeros(64, 2), torch.full((64, 2), -1e3)], dim=1)
+    monitor.observe(SimpleNamespace(aux_loss=None, router_logits=(collapsed, collapsed)))
+    assert monitor.numbers()["expert_load"] == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model.preset=llama-tiny", "deepspeed.expert_parallel=2", "--nproc", "2"], "llama is a dense model"),
+    (["model.preset=mixtral-tiny", "deepspeed.expert_parallel=3", "--nproc", "3"], "does not divide the model's 4 experts"),
+    (["model.preset=mixtral-tiny", "deepspeed.expert_parallel=2", "--nproc", "3"], "world size 3 does not divide"),
+    (["model.preset=mixtral-tiny", "deepspeed.expert_parallel=2", "deepspeed.tensor_parallel=2", "--nproc", "4"],
+     "with tensor or sequence parallelism"),
+])
+def test_a_bad_expert_layout_is_one_error_line_before_any_rank(capsys, tmp_path, args, needle):
+    from bigtrain.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "deepspeed.zero_stage=1", f"output_dir={out}", *args])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert "deepspeed.expert_parallel" in err[0] and not out.exists()
+
+
+def test_the_chunked_loss_is_refused_for_an_moe_model(capsys, corpus, tmp_path):
+    """It would train without the router's load-balancing term: `true` is one error line."""
+    from bigtrain.cli import main
+
+    code = main(["train", "model.preset=mixtral-tiny", f"data.train_files={corpus}", *BASE, "train.micro_batch_size=2",
+                 "train.chunked_loss=true", f"output_dir={tmp_path / 'run'}"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(err) == 1 and "router's load-balancing term" in err[0] and "train.chunked_loss" in err[0], err
