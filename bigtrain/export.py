@@ -30,7 +30,7 @@ def lazy_state_dict(ckpt: Path) -> dict:
         if not files:
             raise UserError(f"{ckpt}: no mp_rank_*_model_states.pt: not a complete DeepSpeed checkpoint")
         return load_weights_only(files[0], mmap=True)["module"]
-    if state.get("tensor_parallel", 1) > 1:
+    if state.get("tensor_parallel", 1) > 1 or state.get("expert_parallel", 1) > 1:
         return _universal_state_dict(ckpt)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -38,13 +38,33 @@ def lazy_state_dict(ckpt: Path) -> dict:
 
 
 def _universal_state_dict(ckpt: Path) -> dict:
-    """A tensor-parallel checkpoint: each rank saved its slices of the split layers, which
-    zero_to_fp32 does not join. DeepSpeed's universal conversion does (once, kept next to the
+    """A tensor- or expert-parallel checkpoint: each rank saved its slices of the split layers
+    (or its experts, in files of their own), which zero_to_fp32 does not join. DeepSpeed's universal conversion does (once, kept next to the
     checkpoint, as for a resume at another world size): one fp32 file per whole parameter."""
     from bigtrain.checkpoint import to_universal
 
     root = to_universal(ckpt) / "zero"
-    return {p.name: load_weights_only(p / "fp32.pt")["param"] for p in sorted(root.iterdir()) if (p / "fp32.pt").is_file()}
+    out = {}
+    for p in sorted(root.iterdir()):
+        if (p / "fp32.pt").is_file():
+            saved = load_weights_only(p / "fp32.pt")
+            # A dict with the whole tensor; from a ZeRO-3 checkpoint, the flat tensor alone
+            # (export() gives it the model's shape).
+            out[p.name] = saved["param"] if isinstance(saved, dict) else saved
+    return out
+
+
+def _shaped(lazy: dict, shapes: dict) -> dict:
+    """Flat tensors (a ZeRO-3 universal checkpoint's) in the model's shapes; the rest as they are."""
+    import math
+
+    def fit(name, t):
+        want = shapes.get(name)
+        if want is not None and hasattr(t, "dim") and t.dim() == 1 and len(want) > 1 and t.numel() == math.prod(want):
+            return t.view(want)
+        return t
+
+    return {k: fit(k, v) for k, v in lazy.items()}
 
 
 def _write_model_dir(out: Path, hf: Path, fill: Callable[[Path], None]) -> Path:
@@ -93,6 +113,13 @@ def model_class_for(config, task: str | None = None):
     from bigtrain.models import auto_class, task_of_architecture
 
     return auto_class(task or task_of_architecture(config))
+
+
+def _expected_shapes(config, task: str | None = None) -> dict:
+    import torch
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in model_class_for(config, task).from_config(config).state_dict().items()}
 
 
 def _expected_keys(config, task: str | None = None) -> tuple[set, set, str]:
@@ -178,16 +205,20 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
 
     config = load_pretrained_config(str(hf), where="export")
     state = read_state(ckpt)
-    if state.get("expert_parallel", 1) > 1:
-        raise UserError(f"export: checkpoint {ckpt} was trained with deepspeed.expert_parallel={state['expert_parallel']}: "
-                        "exporting expert-parallel checkpoints (AutoEP's experts back into the Hugging Face layout) "
-                        "is not supported yet")
     if state.get("lora") or adapter_only:
         if not state.get("lora"):
             raise UserError(f"export --adapter-only: checkpoint {ckpt} has no LoRA adapters (model.lora.r was 0)")
         return _export_lora(ckpt, out, config, state, max_shard_bytes, adapter_only)
     lazy = lazy_state_dict(ckpt)
     expected, tied, arch = _expected_keys(config, read_state(ckpt).get("task"))
+    if state.get("expert_parallel", 1) > 1:  # AutoEP's names and layout back to the Hugging Face model's
+        from bigtrain.moe import hf_state_dict
+
+        shapes = _expected_shapes(config, state.get("task"))
+        lazy = _shaped(hf_state_dict(lazy, shapes), shapes)
+        wrong = [k for k, v in lazy.items() if k in shapes and tuple(v.shape) != shapes[k]]
+        if wrong:
+            raise UserError(f"export: checkpoint {ckpt}: AutoEP's weights do not map onto the model's: {wrong[:3]}")
     missing = sorted(expected - set(lazy) - tied)
     unexpected = sorted(set(lazy) - expected)
     if missing or unexpected:

@@ -159,3 +159,38 @@ class RouterMonitor:
         if self.load is not None:
             out["expert_load"] = [round(float(x), 4) for x in self.load.tolist()]
         return out
+
+
+def hf_state_dict(autoep: dict, expected_shapes: dict) -> dict:
+    """An AutoEP model's full state dict (every expert, fp32: DeepSpeed's universal conversion)
+    renamed to the Hugging Face model's, for the export.
+
+    AutoEP replaces a block's router with `router.gate` (aliased as `gate.gate`) and its experts
+    with grouped tensors w1 (gate projection), w3 (up) as [experts, ffn, hidden] and w2 (down) as
+    [experts, hidden, ffn] (DeepSpeed's moe/ep_repack.py). transformers 5 keeps the router in
+    `gate.weight` and the experts as `experts.gate_up_proj` (w1 and w3 stacked along the ffn
+    dimension) and `experts.down_proj`, each either as above or transposed: the expected shapes
+    say which (checked, never guessed)."""
+    import torch
+
+    out: dict = {}
+    for key, value in autoep.items():
+        prefix, _, leaf = key.rpartition(".experts.")
+        if key.endswith(".gate.gate.weight"):
+            continue  # AutoEP's alias of router.gate.weight (the same parameter)
+        if key.endswith(".router.gate.weight"):
+            out[key.replace(".router.gate.weight", ".gate.weight")] = value
+        elif leaf in ("w1", "w3"):
+            if leaf == "w1":
+                gate, up = value, autoep[f"{prefix}.experts.w3"]
+                name = f"{prefix}.experts.gate_up_proj"
+                want = tuple(expected_shapes.get(name, ()))
+                fused = torch.cat([gate, up], dim=1)
+                out[name] = fused if want == tuple(fused.shape) else fused.transpose(1, 2).contiguous()
+        elif leaf == "w2":
+            name = f"{prefix}.experts.down_proj"
+            want = tuple(expected_shapes.get(name, ()))
+            out[name] = value if want == tuple(value.shape) else value.transpose(1, 2).contiguous()
+        else:
+            out[key] = value
+    return out

@@ -586,14 +586,9 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
 
-    def _export_and_plot(self) -> Optional[Path]:
+    def _export_and_plot(self) -> Path:
         from bigtrain.export import export
 
-        if self.cfg.deepspeed.expert_parallel > 1:
-            plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
-            self.logger.info(f"model: not exported (expert-parallel checkpoints cannot be exported yet); "
-                             f"the checkpoints are in {self.output_dir / 'checkpoints'}")
-            return None
         src, note = self.checkpointer.export_source()
         if note:
             self.logger.info(note)

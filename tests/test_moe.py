@@ -90,13 +90,37 @@ def test_the_loss_includes_the_router_loss_and_its_health_is_logged(runs):
     # it only with output_router_logits, which bigtrain sets (the config saved with the run says so).
     cfg = json.loads((run / "checkpoints" / "step_00000004" / "hf" / "config.json").read_text())
     assert cfg["output_router_logits"] is True and cfg["router_aux_loss_coef"] == 0.02
-    assert "model: not exported (expert-parallel checkpoints cannot be exported yet)" in log
+
+
+@pytest.mark.parametrize("name", ["ep2", "qwen_ep2_z3"])
+def test_the_export_of_an_expert_parallel_run_is_the_one_process_model(runs, name):
+    """AutoEP's experts (each rank's, in its own files or ZeRO-3 partitions) go back into the
+    Hugging Face layout: the export loads with from_pretrained and gives the logits of the
+    one-process run's export (the two trainings agree to ~1e-7)."""
+    from transformers import AutoModelForCausalLM
+
+    got = AutoModelForCausalLM.from_pretrained(str(runs[name][0] / "model")).eval()
+    want = AutoModelForCausalLM.from_pretrained(str(runs[REFERENCE[name]][0] / "model")).eval()
+    assert type(got).__name__ in ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+    ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = got(input_ids=ids).logits, want(input_ids=ids).logits
+    assert (a - b).abs().max() <= 1e-5 * b.abs().max(), float((a - b).abs().max())
 
 
 def test_an_expert_parallel_run_resumes_exactly(runs):
     straight, resumed = curve(runs["ep2"][0]), curve(runs["resumed"][0])
     assert "resumed from" in runs["resumed"][1]
     assert sorted(resumed) == [3, 4] and all(resumed[s] == straight[s] for s in (3, 4)), (resumed, straight)
+
+
+def test_resuming_at_another_expert_parallel_size_is_one_error_line(runs, cli, corpus, tmp_path):
+    step2 = runs["ep2"][0] / "checkpoints" / "step_00000002"
+    r = cli(["train", "model.preset=mixtral-tiny", f"data.train_files={corpus}", *BASE, f"output_dir={tmp_path / 'run'}",
+             "deepspeed.zero_stage=1", "train.micro_batch_size=2", "train.grad_accum=2", "--resume", str(step2)])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "deepspeed.expert_parallel=2 on 2 rank(s)" in errors[0], errors
 
 
 def test_router_load_is_near_one_for_a_random_router_and_k_over_e_for_a_collapsed_one():
