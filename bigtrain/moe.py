@@ -158,7 +158,20 @@ class RouterMonitor:
             out["aux_loss"] = float(self.aux)
         if self.load is not None:
             out["expert_load"] = [round(float(x), 4) for x in self.load.tolist()]
+            out["expert_load_max"] = max(out["expert_load"])  # one number for trackers and the report
         return out
+
+
+def active_parameters(model, experts: int, top_k: int) -> int:
+    """Parameters a token passes through: all but the (experts - top_k) / experts share of the
+    routed experts' weights (transformers' `*.experts.*` parameters, counted before AutoEP)."""
+    total = routed = 0
+    for name, p in model.named_parameters():
+        n = getattr(p, "ds_numel", None) or p.numel()
+        total += n
+        if ".experts." in name:
+            routed += n
+    return total - routed * (experts - top_k) // experts
 
 
 def hf_state_dict(autoep: dict, expected_shapes: dict) -> dict:

@@ -35,6 +35,8 @@ CHARTS = [
     ("Learning rate", "lr", [("lr", "lr")], False),
     ("Evaluation", "score", [("eval_accuracy", "accuracy"), ("eval_f1", "F1"), ("eval_exact_match", "exact match")], False),
     ("Waiting for data", "fraction of wall time", [("data_wait", "data wait")], False),
+    ("Router (mixture of experts)", "aux loss; busiest expert / mean", [("aux_loss", "load-balancing loss"),
+                                                                        ("expert_load_max", "busiest expert / mean")], False),
 ]
 
 

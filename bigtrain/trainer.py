@@ -42,7 +42,7 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.moe import RouterMonitor, experts_per_token, num_experts
+from bigtrain.moe import RouterMonitor, active_parameters, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -183,7 +183,8 @@ class Trainer:
 
     def _parameters_text(self) -> str:
         if self.lora is None:
-            return f"{self.n_params / 1e6:.2f}M parameters"
+            active = f", {self.n_active / 1e6:.2f}M active per token" if self.n_active != self.n_params else ""
+            return f"{self.n_params / 1e6:.2f}M parameters{active}"
         trainable, total = count_trainable(self.model)
         return (f"LoRA r={self.lora['r']}: {trainable / 1e6:.3f}M trainable of {total / 1e6:.2f}M parameters "
                 f"({100 * trainable / max(total, 1):.2f}%)")
@@ -236,7 +237,7 @@ class Trainer:
 
     def _meter(self) -> StepMeter:
         """Step time, tokens/s, MFU, data wait and memory at each log (rank 0 measures the peak)."""
-        fpt = flops_per_token(self.n_params, self.hf_config, self.cfg.data.seq_len)
+        fpt = flops_per_token(self.n_active, self.hf_config, self.cfg.data.seq_len)
         peak = None
         if self.env.rank == 0:
             try:
@@ -323,6 +324,8 @@ class Trainer:
         self.n_params = count_parameters(self.model)
         experts = num_experts(self.hf_config)
         self.router = RouterMonitor(experts, experts_per_token(self.hf_config)) if experts else None
+        # FLOPs per token (MFU, the startup line) count what a token passes through.
+        self.n_active = active_parameters(self.model, experts, self.router.top_k) if experts else self.n_params
         self.lora = lora_settings(self.cfg, getattr(self.task, "added_tokens", None))
         self.resized_embedding = bool(getattr(self.task, "added_tokens", False)) and bool(self.cfg.model.from_pretrained)
 

@@ -84,8 +84,20 @@ def test_the_loss_includes_the_router_loss_and_its_health_is_logged(runs):
     run, log = runs["ep2"]
     rows = [r for r in records(run) if "loss" in r]
     for r in rows:  # every log step: the auxiliary loss and each layer's max/mean expert load
-        assert r["aux_loss"] > 0 and len(r["expert_load"]) == 2, r
+        assert r["aux_loss"] > 0 and len(r["expert_load"]) == 2 and r["expert_load_max"] == max(r["expert_load"]), r
         assert all(1.0 <= x <= 4 / 2 for x in r["expert_load"]), r  # top-2 of 4: at most 2 x the mean
+    # MFU and the startup line count the parameters a token passes through: top-2 of 4 experts.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run / "model")))
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if "experts" in n)
+    assert f"{total / 1e6:.2f}M parameters, {(total - routed // 2) / 1e6:.2f}M active per token" in log, log[-2000:]
+    from bigtrain.report import write_report
+
+    page = write_report(str(run), str(run / "report.html")).read_text()
+    assert "Router (mixture of experts)" in page and "busiest expert / mean" in page
     # Without the router term the same model's loss would be lower by coef x aux: transformers adds
     # it only with output_router_logits, which bigtrain sets (the config saved with the run says so).
     cfg = json.loads((run / "checkpoints" / "step_00000004" / "hf" / "config.json").read_text())
