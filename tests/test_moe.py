@@ -183,3 +183,20 @@ def test_the_chunked_loss_is_refused_for_an_moe_model(capsys, corpus, tmp_path):
                  "train.chunked_loss=true", f"output_dir={tmp_path / 'run'}"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert code == 2 and len(err) == 1 and "router's load-balancing term" in err[0] and "train.chunked_loss" in err[0], err
+
+
+@pytest.mark.parametrize("preset, total, active", [("mixtral-8x7b", 46.7e9, 12.9e9), ("qwen3-30b-a3b", 30.5e9, 3.3e9)])
+def test_the_real_shapes_have_their_published_sizes(preset, total, active):
+    """Mixtral 8x7B: 46.7B parameters, 12.9B active per token; Qwen3-30B-A3B: 30.5B and 3.3B
+    (their model cards), counted on the meta device as the trainer counts them."""
+    from transformers import AutoModelForCausalLM
+
+    from bigtrain.models import preset_config
+    from bigtrain.moe import active_parameters, experts_per_token, num_experts
+
+    cfg = preset_config(preset, {}, vocab_size=None)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    a = active_parameters(model, num_experts(cfg), experts_per_token(cfg))
+    assert abs(n - total) <= 0.01 * total and abs(a - active) <= 0.02 * active, (n / 1e9, a / 1e9)
