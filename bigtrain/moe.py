@@ -143,7 +143,8 @@ class RouterMonitor:
             loads = []
             for layer in logits:
                 chosen = layer.detach().topk(self.top_k, dim=-1).indices.reshape(-1)
-                counts = torch.bincount(chosen, minlength=self.experts).float()
+                # scatter_add, not bincount: on a GPU bincount reads its input's maximum back.
+                counts = torch.zeros(self.experts, device=chosen.device).scatter_add_(0, chosen, torch.ones(chosen.shape, device=chosen.device))
                 loads.append(counts.max() / counts.mean().clamp_min(1e-9))
             self.load = torch.stack(loads)
 
