@@ -42,7 +42,7 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.moe import RouterMonitor, active_parameters, experts_per_token, num_experts
+from bigtrain.moe import CHUNKED_LOSS_REFUSAL, RouterMonitor, active_parameters, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -205,7 +205,7 @@ class Trainer:
             return None
         try:
             if self.router is not None:
-                raise ValueError("its loss includes the router's load-balancing term, which the chunked loss does not compute")
+                raise ValueError(CHUNKED_LOSS_REFUSAL)
             lm_loss = ChunkedLMLoss.for_model(self.engine.module, vocab)
             why = lm_loss.check(self.engine, self.device)
             if why is not None:

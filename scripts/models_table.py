@@ -32,8 +32,10 @@ the suite fails when this page and its measurements disagree). Every family is a
 tiny random model written from its own transformers config class (tests/families.py), keeping
 its quirks: grouped-query attention, head_dim != hidden/heads, attention biases, sliding windows
 shorter than the test sequences, soft-capped scores and logits, fused qkv projections, partial
-rotary embeddings, layers without rotary embeddings, tied and untied embeddings. Causal LMs train
-with task=clm, encoders with task=mlm. Versions: the pinned set (constraints.txt).
+rotary embeddings, layers without rotary embeddings, tied and untied embeddings, routed experts.
+Causal LMs train with task=clm, encoders with task=mlm; the mixtures of experts (Mixtral,
+Qwen3-MoE) without expert parallelism here (tests/test_moe.py measures `deepspeed.expert_parallel`).
+Versions: the pinned set (constraints.txt).
 
 ✓ measured as described below; ✗ refused before training with one `error:` line (the reason is
 listed under the table); — does not apply to the family's task.

@@ -51,6 +51,11 @@ CAUSAL: dict[str, tuple[str, dict]] = {
     "smollm3": ("smollm3", dict(_DECODER, no_rope_layers=[1, 0], tie_word_embeddings=True)),
     # GPT-2: Conv1D layers, learned positions, tied.
     "gpt2": ("gpt2", dict(n_layer=2, n_embd=64, n_head=4, n_positions=256)),
+    # Mixtures of experts (bigtrain/moe.py): 4 experts, top-2 routing, fused expert tensors.
+    "mixtral": ("mixtral", dict(_DECODER, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                                tie_word_embeddings=False)),
+    "qwen3-moe": ("qwen3_moe", dict(_DECODER, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                    decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, tie_word_embeddings=False)),
 }
 
 ENCODERS: dict[str, tuple[str, dict]] = {
