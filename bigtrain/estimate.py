@@ -440,6 +440,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {args.micro_batch}")
+    from bigtrain.models import preset_config
+    from bigtrain.moe import num_experts
+
+    if num_experts(preset_config(args.preset, {}, None, where="--preset")) is not None:
+        raise UserError(f"--preset {args.preset}: the estimator does not model mixtures of experts yet (routed experts, "
+                        "their activations, expert parallelism); its dense-model numbers would be wrong")
     shape = preset_shape(args.preset)
     if args.seq_len is None:
         args.seq_len = min(1024, shape.positions or 1024)

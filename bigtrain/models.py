@@ -49,7 +49,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5,
     ),
     # Mixtures of experts (bigtrain/moe.py): tiny ones for CPU tests (4 and 8 experts, top-2),
-    # and the shapes of Mixtral 8x7B and Qwen3-30B-A3B for `bigtrain estimate` and clusters.
+    # and the shapes of Mixtral 8x7B and Qwen3-30B-A3B for clusters.
     "mixtral-tiny": dict(
         model_type="mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=1024,

@@ -200,3 +200,11 @@ def test_the_real_shapes_have_their_published_sizes(preset, total, active):
     n = sum(p.numel() for p in model.parameters())
     a = active_parameters(model, num_experts(cfg), experts_per_token(cfg))
     assert abs(n - total) <= 0.01 * total and abs(a - active) <= 0.02 * active, (n / 1e9, a / 1e9)
+
+
+def test_the_estimator_refuses_a_mixture_of_experts_rather_than_guess(capsys):
+    from bigtrain.cli import main
+
+    code = main(["estimate", "--preset", "mixtral-8x7b", "--zero", "3", "--gpus-per-node", "8"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --preset mixtral-8x7b") and "mixtures of experts" in err[0], err
