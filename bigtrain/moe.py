@@ -55,7 +55,8 @@ def configure(hf_config) -> None:
 
 
 def check(cfg, hf_config, world: Optional[int], where_of) -> None:
-    """deepspeed.expert_parallel against the model and the layout, before any rank starts."""
+    """deepspeed.expert_parallel against the model and the layout, before any rank starts (an MoE
+    model's tensor or sequence parallelism, with or without experts split, is refused first)."""
     ep, experts = cfg.deepspeed.expert_parallel, num_experts(hf_config)
     if experts is not None:
         _check_split_moe(cfg, hf_config, where_of)
@@ -68,9 +69,6 @@ def check(cfg, hf_config, world: Optional[int], where_of) -> None:
     if experts % ep:
         raise UserError(f"{where}: deepspeed.expert_parallel={ep} does not divide the model's {experts} experts; "
                         "each rank must hold the same number of whole experts")
-    if cfg.deepspeed.tensor_parallel > 1 or cfg.deepspeed.sequence_parallel > 1:
-        raise UserError(f"{where}: expert parallelism with tensor or sequence parallelism is not supported (DeepSpeed's "
-                        "AutoEP folding refuses Ulysses, and ZeRO-3 or offload with tensor parallelism); use one of them")
     if world is not None and world % ep:
         raise UserError(f"{where}: the world size {world} does not divide into expert-parallel groups of {ep}; "
                         f"use a multiple of {ep} ranks")
@@ -211,13 +209,12 @@ def hf_state_dict(autoep: dict, expected_shapes: dict) -> dict:
             continue  # AutoEP's alias of router.gate.weight (the same parameter)
         if key.endswith(".router.gate.weight"):
             out[key.replace(".router.gate.weight", ".gate.weight")] = value
-        elif leaf in ("w1", "w3"):
-            if leaf == "w1":
-                gate, up = value, autoep[f"{prefix}.experts.w3"]
-                name = f"{prefix}.experts.gate_up_proj"
-                want = tuple(expected_shapes.get(name, ()))
-                fused = torch.cat([gate, up], dim=1)
-                out[name] = fused if want == tuple(fused.shape) else fused.transpose(1, 2).contiguous()
+        elif leaf == "w1":  # w3 (up) joins it here
+            name = f"{prefix}.experts.gate_up_proj"
+            fused = torch.cat([value, autoep[f"{prefix}.experts.w3"]], dim=1)
+            out[name] = fused if tuple(expected_shapes.get(name, ())) == tuple(fused.shape) else fused.transpose(1, 2).contiguous()
+        elif leaf == "w3":
+            continue
         elif leaf == "w2":
             name = f"{prefix}.experts.down_proj"
             want = tuple(expected_shapes.get(name, ()))
