@@ -622,9 +622,15 @@ def load(engine, ckpt: Path, rank: int, universal: bool = False, trust: bool = F
         check_pickles(ckpt)
 
     tag = ckpt.name + UNIVERSAL_SUFFIX if universal else ckpt.name
+    # DeepSpeed 0.19.8's ZeRO-3 universal load gives every optimizer group the first group's
+    # settings (stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3): norms and biases
+    # would then decay. Each group's weight decay is bigtrain's choice (engine.param_groups): kept.
+    decay = [g.get("weight_decay") for g in engine.optimizer.param_groups] if universal else None
     path, client = engine.load_checkpoint(str(ckpt.parent), tag=tag)
     if path is None:
         raise UserError(f"--resume: DeepSpeed could not load the checkpoint in {ckpt.parent / tag}")
+    for group, wd in zip(engine.optimizer.param_groups, decay or []):
+        group["weight_decay"] = wd
     rng = ckpt / f"rng_rank{rank}.pt"
     # At another world size the ranks hold other samples: their old RNG streams do not apply.
     if rng.is_file() and not universal:

@@ -57,6 +57,25 @@ class ModelShape:
     dropout: bool  # residual/embedding dropout active in training
     gelu_new: bool  # GPT-2's tanh GeLU written in Python ops (saves 4 tensors, not 1)
     linear_params: int = 0  # in nn.Linear layers (lm_head included): what AutoTP splits
+    q_dim: int = 0  # query width: heads * head_dim (0: == hidden)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys (Qwen3, OLMo-2 style)
+    # Mixtures of experts (0 for dense models): routed experts per MoE layer, experts per token,
+    # one expert's MLP width, MoE layers, and the routed experts' parameters (all layers; what
+    # expert parallelism splits) and one layer's.
+    experts: int = 0
+    top_k: int = 0
+    expert_intermediate: int = 0
+    moe_layers: int = 0
+    expert_params: int = 0
+    expert_layer_params: int = 0
+    dense_largest_layer_params: int = 0  # the largest module outside the routed experts
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token passes through: all but the unchosen share of the routed experts."""
+        if not self.experts:
+            return self.params
+        return self.params - self.expert_params * (self.experts - self.top_k) // self.experts
 
 
 def model_shape(cfg) -> ModelShape:
@@ -95,8 +114,26 @@ def model_shape(cfg) -> ModelShape:
         model_type="llama", params=params, largest_layer_params=largest, layers=cfg.num_hidden_layers,
         hidden=h, heads=heads, kv_dim=kv_heads * head_dim, intermediate=cfg.intermediate_size,
         vocab=cfg.vocab_size, positions=getattr(cfg, "max_position_embeddings", None),
-        dropout=False, gelu_new=False, linear_params=linear,
+        dropout=False, gelu_new=False, linear_params=linear, q_dim=heads * head_dim,
+        qk_norm=any(n.endswith("q_norm") for n, _ in model.named_modules()), **_experts_shape(cfg, model),
     )
+
+
+def _experts_shape(cfg, model) -> dict:
+    """The MoE fields of ModelShape (none for a dense model), counted on the meta model: the
+    routed experts are transformers' `*.experts` modules (one per MoE layer)."""
+    from bigtrain.moe import experts_per_token, num_experts
+
+    experts = num_experts(cfg)
+    if experts is None:
+        return {}
+    blocks = {n: m for n, m in model.named_modules() if n.endswith(".experts")}
+    sizes = [sum(p.numel() for p in m.parameters()) for m in blocks.values()]
+    dense = max(sum(p.numel() for p in m.parameters(recurse=False)) for n, m in model.named_modules()
+                if not any(n == b or n.startswith(b + ".") for b in blocks))
+    width = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    return dict(experts=experts, top_k=experts_per_token(cfg), expert_intermediate=width, moe_layers=len(blocks),
+                expert_params=sum(sizes), expert_layer_params=max(sizes), dense_largest_layer_params=dense)
 
 
 def preset_shape(name: str) -> ModelShape:
@@ -294,7 +331,15 @@ def _per_token_bytes(shape: ModelShape, e: int, device: str, tp: int = 1) -> tup
             layer += 2 * e * h
         outside = 16 + 2 * e * h + 8 + m * h
     else:
-        layer = 8 * h + e * (4 * h + math.ceil((2 * h + 2 * k + 4 * inter) / tp)) + math.ceil(4 * a / tp)
+        q = shape.q_dim or h
+        per_head = e * (2 * q + 2 * k) + ((4 + e) * (q + k) if shape.qk_norm else 0)  # split by tensor parallelism
+        attention = 8 * h + 4 * e * h + math.ceil(per_head / tp) + math.ceil(4 * a / tp)
+        dense = attention + math.ceil(e * 4 * inter / tp)
+        layer = dense
+        if shape.moe_layers:
+            x, f = shape.top_k, shape.expert_intermediate
+            moe = attention + x * e * (2 * h + 4 * f) + 4 * shape.experts + 46 * x
+            layer = math.ceil((shape.moe_layers * moe + (shape.layers - shape.moe_layers) * dense) / shape.layers)
         outside = 16 + 4 * h + 2 * e * h
     return layer, outside
 
@@ -313,6 +358,39 @@ def tensor_parallel_share(shape: ModelShape, tp: int) -> tuple[int, int]:
     return n, max(shape.vocab * shape.hidden, math.ceil(shape.largest_layer_params / tp))
 
 
+def expert_parallel_states(shape: ModelShape, ep: int, zero: int, nodes: int, gpus_per_node: int, precision: str) -> tuple[ModelStates, int]:
+    """Model states per GPU with the routed experts split over `ep` ranks (DeepSpeed AutoEP), and
+    the parameters each GPU holds before ZeRO. Two parts: every weight but the experts, data
+    parallel over all G GPUs (ZeRO partitions it G ways), and the GPU's 1/ep of the experts, data
+    parallel over the G/ep ranks holding the same experts (ZeRO partitions it G/ep ways). Under
+    ZeRO-3 one layer is gathered at a time: the larger of the dense model's largest and one MoE
+    layer's local experts. CPU per node: every rank builds the whole model before AutoEP splits it."""
+    g = nodes * gpus_per_node
+    dense_n, local = shape.params - shape.expert_params, shape.expert_params // ep
+    gathered = max(shape.dense_largest_layer_params, shape.expert_layer_params // ep)
+    a = model_states(dense_n, gathered, zero, "none", nodes, gpus_per_node, precision)
+    b = model_states(local, 0, zero, "none", 1, g // ep, precision)
+    full = model_states(shape.params, shape.largest_layer_params, zero, "none", nodes, gpus_per_node, precision)
+    return ModelStates(a.params + b.params, a.grads + b.grads, a.optimizer + b.optimizer, full.cpu_per_node), dense_n + local
+
+
+def _check_experts(shape: ModelShape, ep: int, tp: int, sp: int, offload: str, gpus: int) -> None:
+    if ep < 1:
+        raise UserError(f"--ep must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    if not shape.experts:
+        raise UserError(f"--ep {ep}: the model is dense (no experts to split); use a mixture of experts such as --preset mixtral-8x7b")
+    if shape.experts % ep:
+        raise UserError(f"--ep {ep} does not divide the model's {shape.experts} experts")
+    if gpus % ep:
+        raise UserError(f"--ep {ep} does not divide the {gpus} GPUs")
+    if tp > 1 or sp > 1:
+        raise UserError(f"--ep with --{'tp' if tp > 1 else 'sp'}: bigtrain trains mixtures of experts with expert and data parallelism only")
+    if offload != "none":
+        raise UserError(f"--ep with --offload {offload}: not modelled (expert and dense states offload in groups of different sizes)")
+
+
 def _check_layout(tp: int, sp: int, nodes: int, gpus_per_node: int, seq_len: int) -> None:
     for flag, n in (("--tp", tp), ("--sp", sp)):
         if n < 1:
@@ -329,24 +407,32 @@ def _check_layout(tp: int, sp: int, nodes: int, gpus_per_node: int, seq_len: int
 
 def estimate(shape: ModelShape, zero: int = 0, offload: str = "none", nodes: int = 1, gpus_per_node: int = 1,
              seq_len: int = 1024, micro_batch: int = 1, checkpointing: bool = False, precision: str = "bf16",
-             device: str = "cuda", tp: int = 1, sp: int = 1) -> dict[str, Any]:
+             device: str = "cuda", tp: int = 1, sp: int = 1, ep: int = 1) -> dict[str, Any]:
     """Per-GPU and per-node memory. Tensor parallelism: each GPU holds its `tensor_parallel_share`
     and ZeRO partitions over the GPUs / tp data-parallel ranks. Sequence parallelism: the
     parameters are whole on every rank of a group and ZeRO partitions over all GPUs (DeepSpeed's
-    Ulysses reduces over sequence and data ranks together); activations are seq_len/sp tokens."""
+    Ulysses reduces over sequence and data ranks together); activations are seq_len/sp tokens.
+    Expert parallelism: `expert_parallel_states`; activations as without it (a rank computes,
+    with balanced routing, as many routed tokens as its own tokens choose experts)."""
     if shape.positions and seq_len > shape.positions:
         raise UserError(f"--seq-len {seq_len} is longer than the model's {shape.positions} positions")
     _check_layout(tp, sp, nodes, gpus_per_node, seq_len)
-    n, largest = tensor_parallel_share(shape, tp)
-    ms = model_states(n, largest, zero, offload, nodes, gpus_per_node // tp, precision)
-    ms.cpu_per_node, ms.nvme_per_node = ms.cpu_per_node * tp, ms.nvme_per_node * tp  # tp such groups per node
+    _check_experts(shape, ep, tp, sp, offload, nodes * gpus_per_node)
+    if ep > 1:
+        ms, n = expert_parallel_states(shape, ep, zero, nodes, gpus_per_node, precision)
+    else:
+        n, largest = tensor_parallel_share(shape, tp)
+        ms = model_states(n, largest, zero, offload, nodes, gpus_per_node // tp, precision)
+        ms.cpu_per_node, ms.nvme_per_node = ms.cpu_per_node * tp, ms.nvme_per_node * tp  # tp such groups per node
     act = activation_bytes(shape, seq_len // sp, micro_batch, precision, checkpointing, device, tp)
     per_gpu = {"params": ms.params, "grads": ms.grads, "optimizer": ms.optimizer, "activations": act["total"]}
     per_gpu["total"] = sum(per_gpu.values())
     return {
         "params": shape.params,
+        "active_params": shape.active_params,
         "largest_layer_params": shape.largest_layer_params,
         "zero": zero, "offload": offload, "precision": precision, "tensor_parallel": tp, "sequence_parallel": sp,
+        "expert_parallel": ep,
         "params_per_gpu_before_zero": n,
         "nodes": nodes, "gpus_per_node": gpus_per_node,
         "seq_len": seq_len, "micro_batch": micro_batch, "activation_checkpointing": checkpointing,
@@ -375,6 +461,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in the backward")
     parser.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel ranks (DeepSpeed AutoTP; Llama-family models)")
     parser.add_argument("--sp", type=int, default=1, metavar="N", help="sequence-parallel ranks (DeepSpeed Ulysses)")
+    parser.add_argument("--ep", type=int, default=1, metavar="N", help="expert-parallel ranks (DeepSpeed AutoEP; mixtures of experts)")
     parser.add_argument("--precision", default="bf16", metavar="P", help="fp32, fp16 or bf16 (default bf16)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -396,6 +483,9 @@ def _layout(r: dict[str, Any]) -> str:
     gpus = r["nodes"] * r["gpus_per_node"]
     if r["tensor_parallel"] > 1:
         return f" (data parallel {gpus // r['tensor_parallel']} x tensor parallel {r['tensor_parallel']})"
+    if r["expert_parallel"] > 1:
+        ep, experts = r["expert_parallel"], r["model"]["experts"]
+        return f" (expert parallel {ep}: {experts // ep} of {experts} experts per GPU)"
     if r["sequence_parallel"] > 1:
         return f" (data parallel {gpus // r['sequence_parallel']} x sequence parallel {r['sequence_parallel']}: {r['seq_len'] // r['sequence_parallel']} tokens per GPU)"
     return ""
@@ -404,8 +494,10 @@ def _layout(r: dict[str, Any]) -> str:
 def format_report(name: str, r: dict[str, Any]) -> str:
     g = r["per_gpu_bytes"]
     gpus = r["nodes"] * r["gpus_per_node"]
+    m = r["model"]
+    moe = f", {r['active_params']:,} active per token ({m['experts']} experts, top-{m['top_k']})" if m["experts"] else ""
     lines = [
-        f"model: {name}, {r['params']:,} parameters (largest layer {r['largest_layer_params']:,})",
+        f"model: {name}, {r['params']:,} parameters{moe} (largest layer {r['largest_layer_params']:,})",
         f"setup: ZeRO-{r['zero']}, offload {r['offload']}, {r['precision']}, {r['nodes']} node(s) x "
         f"{r['gpus_per_node']} GPU(s) = {gpus}{_layout(r)}, micro-batch {r['micro_batch']} x {r['seq_len']} tokens, "
         f"activation checkpointing {'on' if r['activation_checkpointing'] else 'off'}",
@@ -440,18 +532,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.micro_batch < 1:
         raise UserError(f"--micro-batch must be >= 1, got {args.micro_batch}")
-    from bigtrain.models import preset_config
-    from bigtrain.moe import num_experts
-
-    if num_experts(preset_config(args.preset, {}, None, where="--preset")) is not None:
-        raise UserError(f"--preset {args.preset}: the estimator does not model mixtures of experts yet (routed experts, "
-                        "their activations, expert parallelism); its dense-model numbers would be wrong")
     shape = preset_shape(args.preset)
     if args.seq_len is None:
         args.seq_len = min(1024, shape.positions or 1024)
     r = estimate(shape, zero=args.zero, offload=args.offload, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                  seq_len=args.seq_len, micro_batch=args.micro_batch, checkpointing=args.activation_checkpointing,
-                 precision=args.precision, tp=args.tp, sp=args.sp)
+                 precision=args.precision, tp=args.tp, sp=args.sp, ep=args.ep)
     if args.json:
         print(json.dumps({"preset": args.preset, **r}))
     else:

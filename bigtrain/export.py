@@ -122,6 +122,13 @@ def _expected_shapes(config, task: str | None = None) -> dict:
         return {k: tuple(v.shape) for k, v in model_class_for(config, task).from_config(config).state_dict().items()}
 
 
+def checkpoint_shapes(ckpt: Path) -> dict:
+    """The Hugging Face model's parameter shapes for a checkpoint (its hf/ config and task)."""
+    from bigtrain.models import load_pretrained_config
+
+    return _expected_shapes(load_pretrained_config(str(ckpt / "hf"), where=str(ckpt)), read_state(ckpt).get("task"))
+
+
 def _expected_keys(config, task: str | None = None) -> tuple[set, set, str]:
     """(state-dict keys, keys tied to another weight, class name), from a meta-device model."""
     import torch

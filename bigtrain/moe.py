@@ -20,6 +20,8 @@ transformers' MoE blocks drop no tokens, so no drop fraction is reported.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any, Optional
 
 from bigtrain.errors import UserError
@@ -222,3 +224,108 @@ def hf_state_dict(autoep: dict, expected_shapes: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def autoep_state_dict(hf: dict, hidden_size: int) -> dict:
+    """The inverse of hf_state_dict: a Hugging Face MoE model's router and experts under AutoEP's
+    names and layout (w1, w3 as [experts, ffn, hidden], w2 as [experts, hidden, ffn]); the other
+    parameters are left out."""
+    out: dict = {}
+    for key, value in hf.items():
+        prefix, _, leaf = key.rpartition(".experts.")
+        if leaf == "gate_up_proj":
+            fused = value if value.shape[2] == hidden_size else value.transpose(1, 2)
+            ffn = fused.shape[1] // 2
+            out[f"{prefix}.experts.w1"], out[f"{prefix}.experts.w3"] = fused[:, :ffn], fused[:, ffn:]
+        elif leaf == "down_proj":
+            out[f"{prefix}.experts.w2"] = value if value.shape[1] == hidden_size else value.transpose(1, 2)
+        elif key.endswith(".gate.weight") and ".experts." not in key:
+            out[key.replace(".gate.weight", ".router.gate.weight")] = value
+    return out
+
+
+# The per-parameter files of a universal checkpoint that hold tensors (step.pt holds the step count).
+_UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _add_universal_names(zero: Path, sources: list[Path], convert) -> list[str]:
+    """Write `convert({name: tensor})`'s new names as parameter folders of the universal
+    checkpoint in `zero` (weights and both Adam moments, each converted the same way; the step
+    count copied), each written under a temporary name and renamed. Returns the names written."""
+    import torch
+
+    written: dict[str, Path] = {}
+    for state in _UNIVERSAL_STATES:
+        loaded = {}
+        for p in sources:
+            if (p / f"{state}.pt").is_file():
+                saved = torch.load(p / f"{state}.pt", weights_only=True)
+                loaded[p.name] = saved["param"] if isinstance(saved, dict) else saved
+        for name, (tensor, meta) in convert(loaded).items():
+            written[name] = tmp = zero / f".tmp-{name}"
+            tmp.mkdir(exist_ok=True)
+            torch.save({"param": tensor.contiguous(), "cat_dim": 0, **meta}, tmp / f"{state}.pt")
+    for name, tmp in written.items():
+        if (sources[0] / "step.pt").is_file():  # ZeRO-1/2: the same step count per parameter (ZeRO-3: none)
+            shutil.copyfile(sources[0] / "step.pt", tmp / "step.pt")
+        shutil.rmtree(zero / name, ignore_errors=True)
+        tmp.rename(zero / name)
+    return list(written)
+
+
+def add_hf_names(universal: Path, expected_shapes: dict) -> None:
+    """Give an AutoEP universal checkpoint (DeepSpeed's ds_to_universal: every expert, each
+    parameter's fp32 weights and Adam moments in zero/NAME/) the Hugging Face model's parameter
+    folders too, so a run at expert_parallel=1 (transformers' own MoE blocks) loads it. The
+    AutoEP folders stay: the same checkpoint still resumes with expert parallelism."""
+    zero = Path(universal) / "zero"
+    sources = sorted(p for p in zero.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")
+                     and (".experts.w" in p.name or p.name.endswith(".router.gate.weight")))
+
+    def convert(loaded: dict) -> dict:
+        return {k: (v, {}) for k, v in hf_state_dict(loaded, expected_shapes).items() if k not in loaded}
+
+    _add_universal_names(zero, sources, convert)
+
+
+def add_autoep_names(universal: Path, hidden_size: int, experts: int, ep: int) -> None:
+    """Give a one-process MoE checkpoint's universal form AutoEP's parameter folders (marked as
+    expert parameters, as DeepSpeed's conversion marks them, so each rank takes its experts) and
+    the optimizer group AutoEP's experts live in, so a run with expert_parallel=ep loads it.
+    DeepSpeed restores optimizer groups by position: AutoEP adds a third group, `ep_size_<ep>`,
+    which takes the weight-decay group's settings (experts are matrices, which decay)."""
+    import torch
+
+    zero = Path(universal) / "zero"
+    sources = sorted(p for p in zero.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")
+                     and (".experts.gate_up_proj" in p.name or ".experts.down_proj" in p.name
+                          or (p.name.endswith(".gate.weight") and not p.name.endswith(".router.gate.weight"))))
+    marked = {"is_expert_param": True, "ep_num_experts": experts}
+
+    def convert(loaded: dict) -> dict:
+        return {k: (v, marked if ".experts." in k else {}) for k, v in autoep_state_dict(loaded, hidden_size).items()}
+
+    _add_universal_names(zero, sources, convert)
+    state = torch.load(zero / "optimizer_state.pt", weights_only=False)  # written by ds_to_universal just before
+    groups = [g for g in state["param_groups"] if not g.get("moe")]
+    decay = next(g for g in groups if g.get("weight_decay", 0) > 0) if any(g.get("weight_decay", 0) > 0 for g in groups) else groups[0]
+    state["param_groups"] = groups + [{**decay, "name": f"ep_size_{ep}", "moe": True, "params": [len(groups)]}]
+    tmp = zero / ".tmp-optimizer_state.pt"
+    torch.save(state, tmp)
+    tmp.replace(zero / "optimizer_state.pt")
+
+
+def adapt_universal(universal: Path, ckpt: Path, saved_ep: int, ep: int) -> None:
+    """Make the universal form of `ckpt` (trained at expert_parallel=saved_ep) loadable at ep.
+    Between two expert-parallel sizes DeepSpeed's AutoEP reshards the experts itself; to and
+    from one process's layout the parameters change names (transformers' vs AutoEP's)."""
+    if (saved_ep > 1) == (ep > 1):
+        return
+    from bigtrain.export import checkpoint_shapes
+    from bigtrain.models import load_pretrained_config
+
+    if ep == 1:
+        add_hf_names(universal, checkpoint_shapes(ckpt))
+    else:
+        hf = load_pretrained_config(str(ckpt / "hf"), where=str(ckpt))
+        add_autoep_names(universal, hf.hidden_size, num_experts(hf), ep)

@@ -54,6 +54,7 @@ class Layout:
     rank: int = 0
     tp: int = 1
     sp: int = 1
+    ep: int = 1  # experts split over ep ranks; every rank still holds its own samples
 
     @property
     def group(self) -> int:
@@ -73,19 +74,21 @@ class Layout:
         return self.rank % self.sp
 
     def describe(self) -> str:
+        experts = f", expert parallel {self.ep}" if self.ep > 1 else ""
         if self.group == 1:
-            return f"world size {self.world}"
+            return f"world size {self.world}{experts}"
         kind = f"tensor parallel {self.tp}" if self.tp > 1 else f"sequence parallel {self.sp}"
-        return f"world size {self.world} = data parallel {self.dp} x {kind}"
+        return f"world size {self.world} = data parallel {self.dp} x {kind}{experts}"
 
 
 def describe_saved_layout(state: dict) -> str:
-    """A checkpoint's layout from its trainer_state.json (older ones have no tp/sp: 1)."""
-    return Layout(state["world_size"], 0, state.get("tensor_parallel", 1), state.get("sequence_parallel", 1)).describe()
+    """A checkpoint's layout from its trainer_state.json (older ones have no tp/sp/ep: 1)."""
+    return Layout(state["world_size"], 0, state.get("tensor_parallel", 1), state.get("sequence_parallel", 1),
+                  state.get("expert_parallel", 1)).describe()
 
 
 def layout_of(cfg, world: int, rank: int = 0) -> Layout:
-    return Layout(world, rank, cfg.deepspeed.tensor_parallel, cfg.deepspeed.sequence_parallel)
+    return Layout(world, rank, cfg.deepspeed.tensor_parallel, cfg.deepspeed.sequence_parallel, cfg.deepspeed.expert_parallel)
 
 
 def check_parallel_config(cfg, where_of) -> None:

@@ -42,7 +42,7 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.moe import CHUNKED_LOSS_REFUSAL, RouterMonitor, active_parameters, experts_per_token, num_experts
+from bigtrain.moe import CHUNKED_LOSS_REFUSAL, RouterMonitor, active_parameters, adapt_universal, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -193,7 +193,8 @@ class Trainer:
         if self.router is None:
             return ""
         ep = self.cfg.deepspeed.expert_parallel
-        split = f", expert parallel {ep} ({self.router.experts // ep} of {self.router.experts} experts per rank)" if ep > 1 else ""
+        # layout.describe() has just said "expert parallel N"
+        split = f" ({self.router.experts // ep} of {self.router.experts} experts per rank)" if ep > 1 else ""
         return f"{split}, top-{self.router.top_k} routing"
 
     def _lm_loss(self) -> Optional[ChunkedLMLoss]:
@@ -266,7 +267,7 @@ class Trainer:
                     check_pickles(chosen)  # the conversion unpickles the checkpoint's files
                 self.logger.info(f"layout changed ({describe_saved_layout(read_state(chosen))} -> {self.layout.describe()}): "
                                  f"loading {chosen.name} as a universal checkpoint")
-                to_universal(chosen)
+                adapt_universal(to_universal(chosen), chosen, read_state(chosen).get("expert_parallel", 1), self.cfg.deepspeed.expert_parallel)
         self.task.prepare(self.env.rank, False, self.logger.info)
         if self.env.rank == 0 and overwrite and self.checkpointer.resume_from is None:
             for name in RUN_MARKERS + OTHER_OUTPUTS:
@@ -281,14 +282,13 @@ class Trainer:
         self.task.segment_ids = cfg.task in ("clm", "sft") and self.attn == "bigtrain_triton"
 
     def _needs_universal(self, ckpt: Path) -> bool:
-        """A ZeRO checkpoint written at another world size is partitioned for that world size:
-        it is converted to DeepSpeed's universal format once (rank 0) and loaded as such."""
+        """A ZeRO checkpoint written in another layout (world size, tensor, sequence or expert
+        parallelism) is partitioned for that layout: it is converted to DeepSpeed's universal
+        format once (rank 0) and loaded as such. A change of expert parallelism always goes
+        through it: AutoEP's parameters are not transformers' (bigtrain/moe.py adapt_universal)."""
         saved = read_state(ckpt)
-        ep = saved.get("expert_parallel", 1)
-        if ep != self.cfg.deepspeed.expert_parallel or (ep > 1 and saved["world_size"] != self.env.world_size):
-            raise UserError(f"--resume: checkpoint {ckpt} was trained with deepspeed.expert_parallel={ep} on {saved['world_size']} "
-                            f"rank(s); resuming an expert-parallel checkpoint in another layout is not supported yet: use "
-                            f"deepspeed.expert_parallel={ep} on {saved['world_size']} rank(s)")
+        if saved.get("expert_parallel", 1) != self.cfg.deepspeed.expert_parallel:
+            return True
         layout = (saved["world_size"], saved.get("tensor_parallel", 1), saved.get("sequence_parallel", 1))
         changed = layout != (self.env.world_size, self.layout.tp, self.layout.sp)
         return changed and (saved["zero_stage"] >= 1 or saved.get("precision", "fp32") != "fp32")

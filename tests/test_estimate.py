@@ -134,13 +134,22 @@ def _saved_bytes(cfg, batch: int, seq: int, dtype, checkpointing: bool) -> int:
 SMALL_GPT2 = dict(n_layer=3, n_embd=128, n_head=4, vocab_size=512, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 SMALL_LLAMA = dict(num_hidden_layers=3, hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
                    vocab_size=512, max_position_embeddings=128, tie_word_embeddings=True)
+# Mixtures of experts as bigtrain trains them (output_router_logits: the load-balancing loss);
+# Qwen3-MoE with per-head q/k norms and queries wider than the hidden size (heads x head_dim).
+SMALL_MIXTRAL = dict(num_hidden_layers=3, hidden_size=128, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=512, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True)
+SMALL_QWEN3_MOE = dict(num_hidden_layers=3, hidden_size=128, intermediate_size=352, moe_intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=48, vocab_size=512, max_position_embeddings=128, num_experts=8,
+                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], output_router_logits=True)
 
 
-@pytest.mark.parametrize("model_type,spec", [("gpt2", SMALL_GPT2), ("llama", SMALL_LLAMA)])
+@pytest.mark.parametrize("model_type,spec", [("gpt2", SMALL_GPT2), ("llama", SMALL_LLAMA), ("mixtral", SMALL_MIXTRAL),
+                                             ("qwen3_moe", SMALL_QWEN3_MOE)])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_formula_matches_saved_tensors(model_type, spec, precision, checkpointing):
-    """The per-layer formula counts what transformers' GPT-2 / Llama really save, within 3%."""
+    """The per-layer formula counts what transformers' GPT-2 / Llama / Mixtral / Qwen3-MoE really
+    save, within 3%."""
     import torch
     from transformers import AutoConfig
 
@@ -289,10 +298,7 @@ def test_total_matches_peak_measured_on_cpu(tmp_path):
 
 
 # Mixtures of experts are refused by the estimator (tests/test_moe.py), every other preset estimated.
-DENSE = [name for name, spec in PRESETS.items() if not {"num_local_experts", "num_experts"} & set(spec)]
-
-
-@pytest.mark.parametrize("preset", DENSE)
+@pytest.mark.parametrize("preset", list(PRESETS))
 def test_json_for_every_preset(preset, capsys):
     r = run_json(["--preset", preset], capsys)
     assert r["params"] > 0
@@ -363,6 +369,10 @@ def test_offload_moves_optimizer_from_gpu_to_cpu(zero, gpus, capsys):
     (["--preset", "llama-tiny", "--sp", "2", "--gpus-per-node", "2", "--seq-len", "1001"], "--seq-len"),
     (["--preset", "llama-tiny", "--sp", "2", "--tp", "2", "--gpus-per-node", "4"], "--tp and --sp"),
     (["--preset", "llama-tiny", "--tp", "0"], "--tp"),
+    (["--preset", "llama-tiny", "--ep", "2", "--gpus-per-node", "2"], "--ep 2: the model is dense"),
+    (["--preset", "mixtral-tiny", "--ep", "3", "--gpus-per-node", "3"], "--ep 3 does not divide the model's 4 experts"),
+    (["--preset", "mixtral-tiny", "--ep", "4", "--gpus-per-node", "2"], "--ep 4 does not divide the 2 GPUs"),
+    (["--preset", "mixtral-tiny", "--ep", "2", "--gpus-per-node", "2", "--zero", "2", "--offload", "cpu"], "--ep with --offload"),
 ])
 def test_bad_arguments_name_the_flag(argv, flag, capsys):
     with pytest.raises(UserError) as err:
