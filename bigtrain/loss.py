@@ -32,6 +32,12 @@ The value.  Exactly transformers' `ForCausalLMLoss`: labels shifted (position t 
 t+1), -100 ignored, logits upcast to fp32, the sum over targets divided by the number of
 non-ignored targets (or by `num_items_in_batch` when given, as transformers does).
 
+Mixtures of experts.  transformers' MoE causal LMs add the router's load-balancing loss times
+`router_aux_loss_coef` to the language-model loss when they return router logits (bigtrain turns
+that on); the model computes that term in the same forward (`aux_loss`), so the chunked loss
+adds it the same way and the sum is the model's own loss (tests/test_models.py, Mixtral and
+Qwen3-MoE).
+
 When (train.chunked_loss).  `auto` turns it on for task=clm and sft when the micro-batch's fp32
 logits would reach 256 MiB: micro_batch_size x seq_len x vocab_size >= 2**26 (`AUTO_ELEMENTS`);
 `true` always (clm, sft), `false` never. The sequence-parallel path computes its own loss on its
@@ -109,8 +115,8 @@ class ChunkedLMLoss:
     logits_to_keep=1) computes its hidden states and one position's logits; a forward hook on its
     decoder keeps the final hidden state, from which the loss is computed in chunks."""
 
-    def __init__(self, decoder, head, chunk_tokens: int) -> None:
-        self.head, self.chunk_tokens = head, chunk_tokens
+    def __init__(self, decoder, head, chunk_tokens: int, router_coef: float = 0.0) -> None:
+        self.head, self.chunk_tokens, self.router_coef = head, chunk_tokens, router_coef
         self._last, self._capturing = None, False
         self._hook = decoder.register_forward_hook(self._keep)
 
@@ -121,7 +127,9 @@ class ChunkedLMLoss:
         head = model.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(model).__name__} has no output embedding (lm_head)")
-        return cls(model.get_decoder(), head, chunk_tokens or chunk_tokens_for(vocab_size))
+        config = getattr(model, "config", None)
+        coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if getattr(config, "output_router_logits", False) else 0.0
+        return cls(model.get_decoder(), head, chunk_tokens or chunk_tokens_for(vocab_size), coef)
 
     def _keep(self, module, args, output) -> None:  # noqa: ARG002 - a forward hook
         if self._capturing:  # only in `hidden` (other forwards, e.g. sft's greedy replies, keep nothing)
@@ -132,8 +140,8 @@ class ChunkedLMLoss:
         self._last = None
 
     def hidden(self, model, batch: dict):
-        """The final hidden state (B x S x H, what the head reads) and the model's own logits of
-        the last position."""
+        """The final hidden state (B x S x H, what the head reads) and the model's output (its
+        logits of the last position; a mixture of experts' router outputs)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         self._last, self._capturing = None, True
         try:
@@ -141,12 +149,16 @@ class ChunkedLMLoss:
         finally:
             self._capturing = False
         hidden, self._last = self._last, None
-        return hidden, out.logits
+        return hidden, out
 
     def __call__(self, model, batch: dict):
-        hidden, _ = self.hidden(model, batch)
+        hidden, out = self.hidden(model, batch)
         loss = chunked_causal_lm_loss(self.head, hidden, batch["labels"], self.chunk_tokens, batch.get("num_items_in_batch"))
-        return SimpleNamespace(loss=loss, logits=None)  # no full logits exist (evaluation reads only the loss)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and self.router_coef:  # as transformers' MoE models add it to their loss
+            loss = loss + self.router_coef * aux.to(loss.device)
+        # No full logits exist (evaluation reads only the loss); the router's outputs go on to its monitor.
+        return SimpleNamespace(loss=loss, logits=None, aux_loss=aux, router_logits=getattr(out, "router_logits", None))
 
     def check(self, model, device) -> Optional[str]:
         """None when the model's logits are its head applied to its final hidden state (one short
@@ -180,7 +192,8 @@ class ChunkedLMLoss:
         hooks = [self.head.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0] if args else None)),
                  self.head.register_forward_hook(keep_output)]
         try:
-            hidden, logits = self.hidden(model, {"input_ids": ids})
+            hidden, out = self.hidden(model, {"input_ids": ids})
+            logits = out.logits
         except (TypeError, ValueError, AttributeError, IndexError) as e:  # no logits_to_keep, an odd decoder output
             return f"its forward does not take logits_to_keep ({e})"
         finally:

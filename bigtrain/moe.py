@@ -26,8 +26,6 @@ from typing import Any, Optional
 
 from bigtrain.errors import UserError
 
-# Why train.chunked_loss cannot stand in for an MoE model's loss (the trainer and the model matrix say it).
-CHUNKED_LOSS_REFUSAL = "its loss includes the router's load-balancing term, which the chunked loss does not compute"
 # The config attributes that hold the number of experts and the experts per token, per family.
 _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 _TOP_K = ("num_experts_per_tok", "moe_topk", "top_k")

@@ -42,7 +42,7 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.moe import CHUNKED_LOSS_REFUSAL, RouterMonitor, active_parameters, adapt_universal, experts_per_token, num_experts
+from bigtrain.moe import RouterMonitor, active_parameters, adapt_universal, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -205,8 +205,6 @@ class Trainer:
         if not chunked_loss_wanted(setting, cfg.task, cfg.train.micro_batch_size, cfg.data.seq_len, vocab, self.layout.sp):
             return None
         try:
-            if self.router is not None:
-                raise ValueError(CHUNKED_LOSS_REFUSAL)
             lm_loss = ChunkedLMLoss.for_model(self.engine.module, vocab)
             why = lm_loss.check(self.engine, self.device)
             if why is not None:
@@ -354,8 +352,9 @@ class Trainer:
         if self.shard is not None:  # sequence parallel: this rank's slice of every sequence
             return self.shard(self.engine, batch)
         if self.lm_loss is not None and "labels" in batch:  # train.chunked_loss: no full logits
-            return self.lm_loss(self.engine, batch)
-        out = self.engine(**batch)
+            out = self.lm_loss(self.engine, batch)
+        else:
+            out = self.engine(**batch)
         if self.router is not None and self.engine.training:
             self.router.observe(out)  # on the device; read at log steps
         return out
