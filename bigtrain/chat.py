@@ -142,17 +142,52 @@ def render(tokenizer, messages: list[dict], generation_prompt: bool, where: str)
 def assistant_spans(tokenizer, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """The conversation's text and the character spans of its assistant replies (end of turn included)."""
     text = render(tokenizer, conv.messages, False, conv.where)
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
     spans = []
     for i, m in enumerate(conv.messages):
         if m["role"] != "assistant":
             continue
         start = render(tokenizer, conv.messages[:i], True, conv.where) if i else ""
-        end = render(tokenizer, conv.messages[: i + 1], False, conv.where)
-        if not (text.startswith(start) and text.startswith(end) and len(start) <= len(end)):
+        end = _turn_end(render(tokenizer, conv.messages[: i + 1], False, conv.where), text, specials)
+        if not text.startswith(start) or end is None or len(start) > end:
             raise UserError(f"{conv.where}: the chat template does not render turns one after another (the text up to "
                             f"turn {i} is not a prefix of the whole conversation), so the assistant tokens cannot be found")
-        spans.append((len(start), len(end)))
+        spans.append((len(start), end))
     return text, spans
+
+
+def _turn_end(upto: str, text: str, specials: list[str]) -> Optional[int]:
+    """Where the turn that `upto` (the conversation rendered up to it) ends inside `text`: all of
+    `upto` when it is a prefix of `text`. Some templates close a conversation with special tokens
+    when no generation prompt follows (Phi-3 appends its end-of-text token): such a closing, the
+    same at the end of `text`, is no part of the turn. Only a closing made of special tokens is
+    taken off, the shortest one, so a character shared by chance with the next turn's opening
+    ('<' of '<|user|>') never moves the end."""
+    if text.startswith(upto):
+        return len(upto)
+    common = 0
+    for a, b in zip(upto, text):
+        if a != b:
+            break
+        common += 1
+    for p in range(common, -1, -1):
+        closing = upto[p:]
+        if text.endswith(closing) and _special_only(closing, specials):
+            return p
+    return None
+
+
+def _special_only(s: str, specials: list[str]) -> bool:
+    """s is one or more special tokens (whitespace between them allowed)."""
+    s = s.strip()
+    if not s:
+        return False
+    while s:
+        token = next((t for t in specials if s.startswith(t)), None)
+        if token is None:
+            return False
+        s = s[len(token):].lstrip()
+    return True
 
 
 def encode(tokenizer, conv: Conversation, train_on: str = "assistant") -> Encoded:

@@ -24,6 +24,11 @@ FEATURES = [
                                      "causal LMs on three packed documents with segment ids against each document alone, encoders with padding"),
     ("chunked_loss", "chunked loss", "`train.chunked_loss`'s loss and gradients within 1e-5 of the model's own loss"),
     ("lora", "LoRA (peft defaults)", "peft's default target modules through `model.lora.r`: the adapted model starts equal to the base, only adapters get gradients"),
+    ("compile", "compile (capture)", "`train.compile`'s graph capture: torch.compile (dynamo and AOT autograd, backend aot_eager) of the training forward "
+                                     "and backward in one graph without graph breaks, loss and every gradient within 1e-5 of eager. Inductor's code "
+                                     "generation (what `train.compile` runs) is measured for GPT-2 and Llama in tests/test_compile.py"),
+    ("chat_template", "SFT chat format", "task=sft's labels under the family's chat format (tests/families.py, written after its instruct releases; "
+                                         "ChatML for families released without one): exactly the replies and what closes each turn are learned"),
 ]
 HEADER = """# Supported model families
 

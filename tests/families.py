@@ -70,6 +70,37 @@ ENCODERS: dict[str, tuple[str, dict]] = {
 
 FAMILIES = {**CAUSAL, **ENCODERS}
 
+# Chat formats, written here after each family's instruct releases (the turn markers and what
+# closes a turn, not the releases' full templates): (template, its special tokens, what follows
+# each reply: "{eos}" is the tokenizer's end-of-sequence token). Families released without a
+# chat format (GPT-2, Pythia) get bigtrain's default, ChatML (bigtrain/chat.py).
+_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", ["<|im_start|>", "<|im_end|>"], "<|im_end|>\n")
+_LLAMA3 = ("<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}"
+           "<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+           ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>")
+# Mistral/Mixtral instruct: [INST] ... [/INST] opens the reply (no generation prompt), EOS closes it.
+_INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+         "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}", ["[INST]", "[/INST]"], "{eos}")
+# Gemma: the assistant's role is called "model".
+_GEMMA = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+          "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+          ["<start_of_turn>", "<end_of_turn>"], "<end_of_turn>\n")
+# Phi-3: <|role|> markers, <|end|> closes a turn, and a whole conversation without a generation
+# prompt ends with EOS (not part of any turn but the last).
+_PHI3 = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+         "{% if add_generation_prompt %}<|assistant|>\n{% else %}{{ eos_token }}{% endif %}",
+         ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|end|>\n")
+# OLMo 2 (Tulu): <|role|> lines, EOS closes the assistant's reply. (The newlines are expressions:
+# transformers' template environment drops a newline right after a {% %} tag, trim_blocks.)
+_TULU = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}{% if m['role'] == 'assistant' %}"
+         "{{ eos_token }}{% endif %}{{ '\\n' }}{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}{% endfor %}",
+         ["<|system|>", "<|user|>", "<|assistant|>"], "{eos}\n")
+CHAT_STYLES: dict[str, tuple | None] = {
+    "llama3": _LLAMA3, "qwen2": _CHATML, "qwen3": _CHATML, "mistral": _INST, "gemma2": _GEMMA, "gemma3": _GEMMA, "phi3": _PHI3,
+    "olmo2": _TULU, "pythia": None, "smollm3": _CHATML, "gpt2": None, "mixtral": _INST, "qwen3-moe": _CHATML,
+}
+
 
 def write_family(name: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     """`name`'s tiny model with random weights (seeded) and the tokenizer, saved in `out`."""

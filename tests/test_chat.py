@@ -82,6 +82,23 @@ def test_a_real_template_string(bpe):
     assert learned_runs(tok, encode(tok, parse_record(no_system, "t:2")))[0] == ["x += 1<|eot_id|>"]
 
 
+def test_a_template_that_closes_the_conversation_with_a_special_token(bpe):
+    """Phi-3's format ends a conversation rendered without a generation prompt with EOS, so the
+    text up to turn 1 ("...<|end|>\n<EOS>") is no prefix of the whole: the closing EOS is no part
+    of turn 1 (and '<', shared by chance with the next '<|user|>', does not move the end)."""
+    import families
+
+    tok = bpe()
+    template, specials, _ = families.CHAT_STYLES["phi3"]
+    tok.chat_template = template
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    runs, other = learned_runs(tok, encode(tok, parse_record(MULTI, "t:1")))
+    eos = tok.eos_token
+    assert eos and runs == ["x += 1<|end|>\n", f"x -= 1<|end|>\n{eos}"], runs
+    assert other == ("<|system|>\nAnswer in code.<|end|>\n<|user|>\nincrement x<|end|>\n<|assistant|>\n"
+                     "<|user|>\nand decrement it<|end|>\n<|assistant|>\n")
+
+
 def test_a_template_that_does_not_render_turn_by_turn_is_refused(bpe):
     tok = bpe()
     # Puts the last message first: earlier turns' renderings are not prefixes of the whole.

@@ -12,6 +12,8 @@ Per family, each result is {"status": "ok", "diff": measured} or {"status": "ref
   model's own loss (several chunks per row).
 - lora (causal LMs): peft's default target modules for the family through bigtrain's wrap: the
   adapted model starts equal to the base model, and only adapters get gradients.
+- compile: torch.compile's capture of the training forward and backward (aot_eager) against eager.
+- chat_template (causal LMs): task=sft's labels under the family's chat format.
 """
 
 from __future__ import annotations
@@ -142,13 +144,79 @@ def lora(name: str, path: Path) -> dict:
     return {"status": "ok", "diff": rel(got.detach(), want), "targets": targets}
 
 
+CONVERSATION = [{"role": "user", "content": "increment x"}, {"role": "assistant", "content": "x += 1"},
+                {"role": "user", "content": "and decrement it"}, {"role": "assistant", "content": "x -= 1"}]
+
+
+def chat_template(name: str, path: Path) -> dict:
+    """task=sft's labels under the family's chat format (families.CHAT_STYLES): exactly the two
+    replies and what closes each turn are learned (Phi-3's closing EOS only after the last)."""
+    from transformers import AutoTokenizer
+
+    from bigtrain.chat import IGNORE, encode, ensure_template, parse_record
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    style = families.CHAT_STYLES[name]
+    if style is None:
+        ensure_template(tok)
+        style = (None, None, "<|im_end|>\n")
+    else:
+        tok.chat_template = style[0]
+        tok.add_special_tokens({"additional_special_tokens": style[1]})
+    close = style[2].replace("{eos}", tok.eos_token or "")
+    expected = ["x += 1" + close, "x -= 1" + close + (tok.eos_token if name == "phi3" else "")]
+    enc = encode(tok, parse_record({"messages": CONVERSATION}, f"{name}:1"))
+    runs, current = [], []
+    for i, label in zip(enc.ids + [None], enc.labels + [IGNORE]):
+        if label != IGNORE:
+            current.append(i)
+        elif current:
+            runs.append(tok.decode(current))
+            current = []
+    return {"status": "ok", "diff": 0.0 if runs == expected else 1.0, "runs": runs, "expected": expected}
+
+
+def compile_check(name: str, path: Path) -> dict:
+    """train.compile's graph capture: torch.compile (dynamo and AOT autograd, backend aot_eager:
+    no code generation) of the family's training forward and backward, whose loss and gradients
+    must equal eager's; the graphs and graph breaks counted (bigtrain's loss-function pin applied,
+    as the trainer's compile_engine does)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig
+
+    from bigtrain.engine import _pin_loss_function
+    from bigtrain.models import exact_attention, model_class
+
+    task = "clm" if name in families.CAUSAL else "mlm"
+    cls = model_class(task, AutoConfig.from_pretrained(str(path)))
+    model = load(path, cls, exact_attention(cls))
+    _pin_loss_function(model)
+    ids = torch.randint(5, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, ::3] = -100
+    model.zero_grad()
+    want = model(input_ids=ids, labels=labels).loss
+    want.backward()
+    want_g = grads(model)
+    model.zero_grad()
+    torch._dynamo.reset()
+    counters.clear()
+    got = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=labels).loss
+    got.backward()
+    graphs, breaks = counters["stats"].get("unique_graphs", 0), sum(counters["graph_break"].values())
+    diff = max(rel(got.detach(), want.detach()), worst(grads(model), want_g))
+    return {"status": "ok", "diff": diff, "graphs": graphs, "graph_breaks": breaks}
+
+
 def main(zoo: str, out: str) -> None:
     results = {}
     for name in families.FAMILIES:
         path = Path(zoo) / name
-        row = {"attention": attention(name, path)}
+        row = {"attention": attention(name, path), "compile": compile_check(name, path)}
         if name in families.CAUSAL:
             row["chunked_loss"], row["lora"] = chunked_loss(name, path), lora(name, path)
+            row["chat_template"] = chat_template(name, path)
         results[name] = row
         print(name, json.dumps(row), flush=True)
     Path(out).write_text(json.dumps(results, indent=1))
