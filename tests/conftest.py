@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -17,6 +18,11 @@ from common import REPO, STDLIB, run_cli  # noqa: E402,F401 - shared with the te
 # different `ninja` binaries (pip's 1.13 in .venv, Debian's 1.11): their build logs hash commands
 # differently, so each rebuilds DeepSpeed's CPU ops the other built (~45 s per multi-rank run).
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# DeepSpeed's CPU ops (cpu_adam, shm) are built once per environment: .venv and .venv-latest hold
+# different torch builds, and one shared ~/.cache/torch_extensions made each `make test` after a
+# `make test-latest` rebuild them (~60-100 s). Each environment gets its own build directory.
+_ENV_ID = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"{Path(sys.prefix).name}-{_ENV_ID}"))
 
 
 def _job_alive(buffer: Path) -> bool:
