@@ -334,11 +334,17 @@ class SFTTask:
 
     labeled = False
 
+    model_task = "clm"  # a causal LM
+
     def __init__(self, cfg) -> None:
         self.cfg, self.name = cfg, cfg.task
         self.best_metric = cfg.train.best_metric or "eval_loss"
         self.prepared: Optional[ChatData] = None
-        self.segment_ids = False  # set by the trainer for bigtrain_triton
+        self.added_tokens: list[int] = []  # the chat template's tokens added to the tokenizer (load)
+        self.segment_ids = False  # packed conversations' ids for bigtrain_triton (use_attention)
+
+    def use_attention(self, attn_implementation: str) -> None:
+        self.segment_ids = attn_implementation == "bigtrain_triton"
 
     @property
     def tokenizer_dir(self) -> Path:

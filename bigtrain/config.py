@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from bigtrain.errors import UserError
+from bigtrain.plugins import is_reference, load_object
 from bigtrain.trackers import check_report_to
 
 TASKS = ("clm", "mlm", "classify", "token_classify", "sft")
@@ -194,6 +195,9 @@ class TrainConfig:
     # clm/sft: compute the loss in chunks of tokens, never the full batch x seq x vocab fp32 logits
     # (bigtrain/loss.py). auto: on when micro_batch_size x seq_len x vocab_size >= 2**26 (256 MiB).
     chunked_loss: Union[bool, str] = "auto"
+    # User callbacks (bigtrain.api.Callback): `module.path:Class`, `path/to/file.py:Class`, or a
+    # mapping {class: REFERENCE, other keys: the constructor's keyword arguments}.
+    callbacks: Any = field(default_factory=list)
 
 
 @dataclass
@@ -232,7 +236,10 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    # A built-in task (TASKS) or a user's class: `module.path:Class` or `path/to/file.py:Class`
+    # (bigtrain/api.py, docs/extending.md), with its own options in task_options.
     task: str = "clm"
+    task_options: dict = field(default_factory=dict)
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -588,7 +595,14 @@ def _validate_choices(cfg: Config, where_of) -> None:
     for key, value in _path_values(cfg):
         if isinstance(value, str) and "\0" in value:
             raise UserError(f"{where_of(key)}: '{key}' contains a NUL byte: {_show(value)}")
-    _check_choice(cfg.task, TASKS, "task", where_of)
+    if is_reference(cfg.task):
+        custom_task_options(cfg, where_of)
+    else:
+        _check_choice(cfg.task, TASKS, "task", where_of)
+        if cfg.task_options:
+            raise UserError(f"{where_of('task_options')}: task_options are for a user's task class (task: module:Class); "
+                            f"task={cfg.task} takes its settings from data.* and train.*")
+    callback_specs(cfg, where_of)
     _check_choice(cfg.model.attn_implementation, ATTN, "model.attn_implementation", where_of)
     _check_choice(cfg.data.mode, ("packed", "line_by_line"), "data.mode", where_of)
     _check_choice(cfg.data.sample_by, ("document", "paragraph", "line"), "data.sample_by", where_of)
@@ -601,7 +615,7 @@ def _validate_choices(cfg: Config, where_of) -> None:
     _check_range(lora.r, "model.lora.r", where_of, lo=0, hi=1 << 16)
     _check_range(lora.alpha, "model.lora.alpha", where_of, lo=0.0, hi=1e6, lo_open=True)
     _check_range(lora.dropout, "model.lora.dropout", where_of, lo=0.0, hi=0.99)
-    if lora.r > 0 and cfg.task not in ("clm", "sft"):
+    if lora.r > 0 and task_kind(cfg) not in ("clm", "sft"):
         raise UserError(f"{where_of('model.lora.r')}: model.lora is for causal LMs (task=clm or sft), not task={cfg.task}")
     if lora.target_modules is not None and (not isinstance(lora.target_modules, list) or not lora.target_modules
                                             or not all(isinstance(m, str) and m for m in lora.target_modules)):
@@ -611,10 +625,16 @@ def _validate_choices(cfg: Config, where_of) -> None:
         _check_choice(cfg.data.format, LABELED_FORMATS, "data.format", where_of)
     _check_range(cfg.data.mlm_probability, "data.mlm_probability", where_of, lo=0.0, hi=1.0, lo_open=True)
     best = cfg.train.best_metric
+    if is_reference(cfg.task):  # a user's task names its own metrics
+        return _validate_deepspeed_choices(cfg, where_of)
     allowed = ("eval_loss", "eval_accuracy", "eval_f1") if cfg.task in LABELED_TASKS else ("eval_loss",) + (("eval_accuracy",) if cfg.task == "mlm" else ())
     allowed += ("eval_exact_match",) if cfg.task == "sft" else ()
     if best is not None:
         _check_choice(best, allowed, "train.best_metric", where_of)
+    _validate_deepspeed_choices(cfg, where_of)
+
+
+def _validate_deepspeed_choices(cfg: Config, where_of) -> None:
     _check_choice(cfg.deepspeed.zero_stage, (0, 1, 2, 3), "deepspeed.zero_stage", where_of)
     _check_choice(cfg.deepspeed.precision, PRECISIONS, "deepspeed.precision", where_of)
     _check_choice(cfg.deepspeed.offload_optimizer, OFFLOAD, "deepspeed.offload_optimizer", where_of)
@@ -663,8 +683,8 @@ def _validate_train_numbers(cfg: Config, where_of) -> None:
     if t.peak_tflops is not None:
         _check_range(t.peak_tflops, "train.peak_tflops", where_of, lo=0.0, hi=1e9, lo_open=True)
     _check_choice(t.chunked_loss, ("auto", True, False), "train.chunked_loss", where_of)
-    if t.chunked_loss is True and (cfg.task not in ("clm", "sft") or cfg.deepspeed.sequence_parallel > 1):
-        why = f"task={cfg.task}" if cfg.task not in ("clm", "sft") else f"deepspeed.sequence_parallel={cfg.deepspeed.sequence_parallel} (it computes its own loss)"
+    if t.chunked_loss is True and (task_kind(cfg) not in ("clm", "sft") or cfg.deepspeed.sequence_parallel > 1):
+        why = f"task={cfg.task}" if task_kind(cfg) not in ("clm", "sft") else f"deepspeed.sequence_parallel={cfg.deepspeed.sequence_parallel} (it computes its own loss)"
         raise UserError(f"{where_of('train.chunked_loss')}: train.chunked_loss=true is for the causal-LM loss of task=clm or sft, not {why}")
     _check_range(t.profile.start, "train.profile.start", where_of, lo=0, hi=1 << 40)
     _check_range(t.profile.steps, "train.profile.steps", where_of, lo=1, hi=1 << 20)
@@ -769,6 +789,9 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
 def where_of(cfg: Config, key: str) -> str:
     fn = getattr(cfg, "_where_of", None)
     return fn(key) if fn else "config"
+
+
+where_of_cfg = where_of  # for functions whose `where_of` parameter hides this one
 
 
 def dump_yaml(cfg: Config) -> str:
@@ -902,3 +925,74 @@ def _source_spec(cfg: Config, i: int, entry: Any, where_of) -> SourceSpec:
         raise UserError(f"{where_of(key + '.text_field')}: {key}.text_field: source '{name}': must be a non-empty string, got {_show(text_field)}")
     _check_choice(sample_by, ("document", "paragraph", "line"), f"{key}.sample_by", where_of)
     return SourceSpec(name, tuple(files), float(weight), text_field, sample_by, key)
+
+
+# --------------------------------------------------------------------------- user code
+
+
+# The models a user's task can train (`model_task` on its class; bigtrain/api.py).
+MODEL_TASKS = ("clm", "mlm", "classify", "token_classify")
+_TASK_MEMBERS = ("model_task", "tokenizer_dir", "prepare", "open", "load", "configure", "use_attention", "schedule",
+                 "describe", "progress", "batch", "evaluate")
+
+
+def task_class(cfg: Config, where_of=None) -> type:
+    """The class a `task: module:Class` names, checked to be a task (bigtrain.api.Task)."""
+    where = (where_of or (lambda k: where_of_cfg(cfg, k)))("task")
+    cls = load_object(cfg.task, where)
+    if not isinstance(cls, type):
+        raise UserError(f"{where}: task {cfg.task} is not a class")
+    missing = [m for m in _TASK_MEMBERS if not hasattr(cls, m)]
+    if missing:
+        raise UserError(f"{where}: task class {cls.__name__} lacks {', '.join(missing)} (bigtrain.api.Task; subclass bigtrain.api.BaseTask)")
+    if getattr(cls, "model_task", None) not in MODEL_TASKS:
+        raise UserError(f"{where}: {cls.__name__}.model_task must be one of {', '.join(MODEL_TASKS)}, got {_show(getattr(cls, 'model_task', None))}")
+    return cls
+
+
+def custom_task_options(cfg: Config, where_of=None) -> Any:
+    """task_options built into the task class's `Options` dataclass (typed, each key checked
+    where it was set); None for a class without Options (then task_options must be empty)."""
+    where_of = where_of or (lambda k: where_of_cfg(cfg, k))
+    cls = task_class(cfg, where_of)
+    options = getattr(cls, "Options", None)
+    if options is None or not dataclasses.is_dataclass(options):
+        if cfg.task_options:
+            raise UserError(f"{where_of('task_options')}: {cls.__name__} takes no task_options (it has no Options dataclass)")
+        return None
+    known = [f.name for f in dataclasses.fields(options)]
+    for key in cfg.task_options:
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean 'task_options.{close[0]}'?)" if close else f" ({cls.__name__}.Options has {', '.join(known) or 'none'})"
+            raise UserError(f"{where_of(f'task_options.{key}')}: unknown config key 'task_options.{key}'{hint}")
+    return _build(options, cfg.task_options, "task_options.", where_of)
+
+
+def task_kind(cfg: Config) -> str:
+    """The kind of model the run trains: the task's name for a built-in one ("sft" trains a
+    causal LM like "clm"), a user's task class's `model_task`."""
+    return task_class(cfg).model_task if is_reference(cfg.task) else cfg.task
+
+
+def callback_specs(cfg: Config, where_of=None) -> list[tuple[type, dict, str]]:
+    """train.callbacks as (class, keyword arguments, "where: key"), each entry checked where it was set."""
+    where_of = where_of or (lambda k: where_of_cfg(cfg, k))
+    entries = cfg.train.callbacks
+    if isinstance(entries, (str, dict)):
+        entries = [entries]
+    if not isinstance(entries, list):
+        raise UserError(f"{where_of('train.callbacks')}: 'train.callbacks' must be a list of 'module:Class' references, got {_show(entries)}")
+    out = []
+    for i, entry in enumerate(entries):
+        key = f"train.callbacks[{i}]"
+        ref, kwargs = (entry.get("class"), {k: v for k, v in entry.items() if k != "class"}) if isinstance(entry, dict) else (entry, {})
+        if not isinstance(ref, str):
+            raise UserError(f"{where_of(key)}: '{key}' must be 'module:Class' or a mapping with a 'class' key, got {_show(entry)}")
+        cls = load_object(ref, f"{where_of(key)}: {key}")
+        if not isinstance(cls, type) or not callable(getattr(cls, "on_step_end", None)):
+            raise UserError(f"{where_of(key)}: {key}: {ref} is not a callback class (subclass bigtrain.api.Callback)")
+        out.append((cls, kwargs, f"{where_of(key)}: {key}"))
+    return out

@@ -372,12 +372,12 @@ def choose_attention(cfg, on_cpu: bool, precision: str, local_rank: int, warn) -
     only once its self-check passed on this GPU, in this dtype and head shape
     (bigtrain/kernels/selfcheck.py, cached per combination): "auto" falls back to the family's
     exact attention with one warning; "bigtrain_triton" asked for explicitly stops with an error."""
-    from bigtrain.config import cache_root, where_of
+    from bigtrain.config import cache_root, task_kind, where_of
     from bigtrain.kernels.attention import _interpret_requested
 
     choice, where = cfg.model.attn_implementation, where_of(cfg, "model.attn_implementation")
     hf = run_config(cfg)
-    cls = model_class(cfg.task, hf)
+    cls = model_class(task_kind(cfg), hf)
     attn = attn_implementation(choice, on_cpu, hf, cls, where)
     if attn != "bigtrain_triton":
         return attn, None
@@ -456,12 +456,14 @@ def build_model(cfg, hf_config, ds_config: dict, attn: str, labeled: bool, token
     # before zero.Init patches tensor construction: importing them inside it fails.
     import torch._dynamo  # noqa: F401
 
-    head = auto_class(cfg.task)
+    from bigtrain.config import task_kind
+
+    head = auto_class(task_kind(cfg))
     head._model_mapping[type(hf_config)]
     holder = None
     zero_init = cfg.deepspeed.zero3_init
     if zero_init == "auto":
-        zero_init = count_parameters_meta(cfg.task, hf_config) > 1_000_000_000
+        zero_init = count_parameters_meta(task_kind(cfg), hf_config) > 1_000_000_000
     if ds_config["zero_optimization"]["stage"] == 3 and zero_init:
         # transformers' ZeRO-3 integration: from_config/from_pretrained create the parameters
         # partitioned (deepspeed.zero.Init) and gather them for weight init and loading.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from bigtrain.steps import Callback
+from bigtrain.api import Callback
 
 
 class StepProfiler(Callback):
@@ -28,22 +28,21 @@ class StepProfiler(Callback):
         self._ranges: list = []
         self.last_done = first_step - 1
 
-    def on_train_start(self) -> None:
+    def on_train_start(self, state) -> None:  # noqa: ARG002
         if self.start <= self.first_step <= self.end:  # a resume inside the window traces the rest of it
             self._begin(self.first_step)
 
-    def on_step_end(self, step: int) -> bool:
-        self.last_done = step
+    def on_step_end(self, state, result) -> None:  # noqa: ARG002
+        step = self.last_done = state.step
         if self.prof is None:
             if step + 1 == self.start:
                 self._begin(step + 1)
-            return False
+            return
         self._close_range()
         if step >= self.end:
             self._finish()
         else:
             self._open_range(f"bigtrain.step {step + 1}")
-        return False
 
     def _begin(self, step: int) -> None:
         import torch

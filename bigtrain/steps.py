@@ -33,24 +33,6 @@ from bigtrain import faults
 from bigtrain.engine import DEEPSPEED_MIN_SCALE_MESSAGE, LossScaleWatch
 
 
-class Callback:
-    """Hooks into the loop for tools such as `bigtrain bench train` (subclass and override).
-
-    `on_train_start()` runs once when the loop starts; `on_phase(name)` runs after each part of a step ("data", "forward", "backward", "step");
-    `on_step_end(step)` after each optimizer step; returning True ends training there (no
-    evaluation or checkpoint: outcome "stopped by callback").
-    """
-
-    def on_train_start(self) -> None:
-        pass
-
-    def on_phase(self, name: str) -> None:
-        pass
-
-    def on_step_end(self, step: int) -> bool:
-        return False
-
-
 class DeviceSkip:
     """fp32 at ZeRO-0: skip a non-finite step on the device through fused AdamW's `found_inf`."""
 

@@ -293,13 +293,8 @@ def prepare_labeled(cfg, log: Callable = print) -> LabeledData:
 
 # --------------------------------------------------------------------------- the task interface
 #
-# The trainer and `bigtrain eval` see a task only through these methods:
-#   prepare(rank, joined, log)   read, check and cache the data (called before and after joining
-#                                the process group; each task decides which rank does what when)
-#   load(tokenizer)              the datasets and the training / validation indices
-#   configure(hf_config)         what the model config needs from the data (labels)
-#   batch(indices, position)     one training micro-batch of tensors (on the prefetch thread)
-#   evaluate(forward, comm)      the validation metrics (an Evaluation: record, log line, report)
+# The trainer, `bigtrain eval` and the export see a task only through bigtrain.api.Task (every
+# member documented there); the built-in tasks below implement it, and so can a user's class.
 
 
 @dataclass
@@ -371,13 +366,18 @@ class LMTask:
     """clm and mlm: packed token blocks (bigtrain.data), evaluated by loss over validation blocks."""
 
     labeled = False
+    added_tokens: list[int] = []
 
     def __init__(self, cfg) -> None:
         self.cfg, self.name = cfg, cfg.task
+        self.model_task = cfg.task
         self.best_metric = cfg.train.best_metric
         self.prepared = None
         self.masker: Optional[MLMMasker] = None
         self.segment_ids = False  # pass segment ids to the model (bigtrain_triton on packed clm)
+
+    def use_attention(self, attn_implementation: str) -> None:
+        self.segment_ids = self.name == "clm" and attn_implementation == "bigtrain_triton"
 
     def prepare(self, rank: int, joined: bool, log: Callable) -> None:
         """Rank 0 makes sure the data is prepared (tokenizing it, in a child process, when small
@@ -487,12 +487,16 @@ class LabeledTask:
     """classify and token_classify: labeled examples, scored by accuracy and F1 over all of them."""
 
     labeled = True
+    added_tokens: list[int] = []
 
     def __init__(self, cfg) -> None:
         self.cfg, self.name = cfg, cfg.task
+        self.model_task = cfg.task
         self.best_metric = cfg.train.best_metric or default_best_metric(cfg.task)
         self.prepared: Optional[LabeledData] = None
-        self.segment_ids = False
+
+    def use_attention(self, attn_implementation: str) -> None:
+        pass  # one example per row: no documents to keep apart
 
     def prepare(self, rank: int, joined: bool, log: Callable) -> None:
         """Labeled files are small: every rank reads and checks them before the rendezvous."""
@@ -571,9 +575,13 @@ class LabeledTask:
 
 
 def build_task(cfg):
-    """The task object for cfg.task."""
-    from bigtrain.config import LABELED_TASKS
+    """The task object for cfg.task: a built-in one, or a user's class (`module:Class`, with
+    its Options built from task_options; bigtrain/api.py)."""
+    from bigtrain.config import LABELED_TASKS, custom_task_options, is_reference, task_class
 
+    if is_reference(cfg.task):
+        cls, options = task_class(cfg), custom_task_options(cfg)
+        return cls(cfg) if options is None else cls(cfg, options)
     if cfg.task == "sft":
         from bigtrain.chat import SFTTask
 

@@ -35,7 +35,8 @@ from typing import Optional
 from bigtrain import faults
 from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, check_pickles, read_state, to_universal
 from bigtrain.checkpointer import Checkpointer
-from bigtrain.config import Config, check_batch, dump_yaml, where_of
+from bigtrain.config import LABELED_TASKS, Config, check_batch, dump_yaml, where_of
+from bigtrain.plugins import is_reference
 from bigtrain.data import Prefetcher
 from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, compile_summary, dist_env, init_distributed, initialize, precision_of,
                              release_shm_buffers, setup_accelerator)
@@ -50,12 +51,13 @@ from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout,
 from bigtrain.profiling import StepProfiler
 from bigtrain.preemption import RANK_LOST_EXIT_CODE, StopSignal
 from bigtrain.runlock import RunLock
-from bigtrain.steps import Callback, DivergedError, HealthGuard, StepResult, StepRunner
+from bigtrain.api import Callback, TrainState
+from bigtrain.steps import DivergedError, HealthGuard, StepResult, StepRunner
 from bigtrain.tasks import Comm, Evaluation, build_task
 from bigtrain.trackers import RUN_IDS, Trackers
 from bigtrain.watchdog import RankLost, StepWatchdog, raise_if_rank_lost
 
-__all__ = ["Trainer", "Outcome", "Callback", "run_training", "run_trainer", "check_output_dir", "RANK_LOST_EXIT_CODE"]
+__all__ = ["Trainer", "Outcome", "Callback", "TrainState", "run_training", "run_trainer", "check_output_dir", "RANK_LOST_EXIT_CODE"]
 
 RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl")
 # What else a run writes into output_dir (--overwrite removes it all).
@@ -121,7 +123,7 @@ def check_disk(cfg: Config, output_dir: Path, n_params: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, overwrite: bool = False, trust_checkpoint: bool = False,
                  callbacks: Optional[list[Callback]] = None) -> None:
-        self.cfg, self.callbacks = cfg, list(callbacks or [])
+        self.cfg, self.callbacks = cfg, list(callbacks or []) + user_callbacks(cfg)
         self.run_lock: Optional[RunLock] = None  # rank 0: this run owns output_dir
         self.on_cpu = setup_accelerator()
         self.env = dist_env()
@@ -174,7 +176,7 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(dump_yaml(cfg))
             (self.output_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=2))
         self.logger.info(
-            f"bigtrain: {cfg.task} {cfg.model.from_pretrained or cfg.model.preset} ({self._parameters_text()}), "
+            f"bigtrain: {self.task.name} {cfg.model.from_pretrained or cfg.model.preset} ({self._parameters_text()}), "
             f"{self.layout.describe()}{self._experts_text()}, ZeRO-{cfg.deepspeed.zero_stage}, {self.precision}, "
             f"global batch {self.global_batch} x {cfg.data.seq_len} tokens, {self.task.describe()}"
         )
@@ -202,7 +204,7 @@ class Trainer:
         against the model's own logits by one short forward; None: the model's own loss."""
         cfg, setting = self.cfg, self.cfg.train.chunked_loss
         vocab = self.hf_config.vocab_size
-        if not chunked_loss_wanted(setting, cfg.task, cfg.train.micro_batch_size, cfg.data.seq_len, vocab, self.layout.sp):
+        if not chunked_loss_wanted(setting, self.task.model_task, cfg.train.micro_batch_size, cfg.data.seq_len, vocab, self.layout.sp):
             return None
         try:
             lm_loss = ChunkedLMLoss.for_model(self.engine.module, vocab)
@@ -277,7 +279,7 @@ class Trainer:
         whether the task hands the model its documents' segment ids (the fused kernel's packing)."""
         cfg = self.cfg
         self.attn, self.attn_fallback = choose_attention(cfg, self.on_cpu, self.precision, self.env.local_rank, self.logger.warning)
-        self.task.segment_ids = cfg.task in ("clm", "sft") and self.attn == "bigtrain_triton"
+        self.task.use_attention(self.attn)
 
     def _needs_universal(self, ckpt: Path) -> bool:
         """A ZeRO checkpoint written in another layout (world size, tensor, sequence or expert
@@ -315,17 +317,18 @@ class Trainer:
         import torch
 
         self.hf_config = model_config(self.cfg, self.tokenizer, self.task)
-        check_disk(self.cfg, self.output_dir, count_parameters_meta(self.cfg.task, self.hf_config))
+        check_disk(self.cfg, self.output_dir, count_parameters_meta(self.task.model_task, self.hf_config))
         torch.manual_seed(self.cfg.train.seed)
         check_model(self.cfg, self.hf_config, lambda k: where_of(self.cfg, k), self.env.world_size)
-        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, self.attn, self.task.labeled, len(self.tokenizer), self.task)
+        self.model, self._hf_deepspeed_config = build_model(self.cfg, self.hf_config, self.ds_config, self.attn,
+                                                             self.task.model_task in LABELED_TASKS, len(self.tokenizer), self.task)
         self.n_params = count_parameters(self.model)
         experts = num_experts(self.hf_config)
         self.router = RouterMonitor(experts, experts_per_token(self.hf_config)) if experts else None
         # FLOPs per token (MFU, the startup line) count what a token passes through.
         self.n_active = active_parameters(self.model, experts, self.router.top_k) if experts else self.n_params
-        self.lora = lora_settings(self.cfg, getattr(self.task, "added_tokens", None))
-        self.resized_embedding = bool(getattr(self.task, "added_tokens", False)) and bool(self.cfg.model.from_pretrained)
+        self.lora = lora_settings(self.cfg, self.task.added_tokens)
+        self.resized_embedding = bool(self.task.added_tokens) and bool(self.cfg.model.from_pretrained)
 
     def _restore(self, trust: bool) -> None:
         ckpt = self.checkpointer.resume_from
@@ -336,7 +339,20 @@ class Trainer:
                 f"--resume: checkpoint {ckpt} was trained with global batch {state.get('global_batch')}, "
                 f"this run has {self.global_batch}; keep micro_batch_size x grad_accum x world_size the same"
             )
+        saved = state.get("callbacks") or {}
+        for key, cb in self._stateful_callbacks().items():
+            if key in saved:
+                cb.load_state_dict(saved[key])
         self.logger.info(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _stateful_callbacks(self) -> dict:
+        """Callbacks whose state goes into each checkpoint (their `state_dict()` is not empty),
+        keyed by class and position so a resume hands each its own."""
+        out = {}
+        for i, cb in enumerate(self.callbacks):
+            if cb.state_dict():
+                out[f"{i}:{type(cb).__qualname__}"] = cb
+        return out
 
     # ------------------------------------------------------------------ the loop
 
@@ -371,8 +387,16 @@ class Trainer:
         self.meter.start(self.step, loader.wait_s)
         self._epochs = self.task.progress(self.samples_seen).get("source_epochs", {})
         self.last_eval: dict = {}
-        for cb in self.callbacks:
-            cb.on_train_start()
+        self.run_state = TrainState(self.step, self.samples_seen, t.max_steps, self.output_dir, self.env.rank, self.env.world_size)
+        self._emit("on_train_start")
+        outcome = self._loop(loader)
+        if outcome.status != "completed":
+            self._emit("on_stop", outcome.message or outcome.status)
+        self._emit("on_train_end", outcome)
+        return outcome
+
+    def _loop(self, loader) -> Outcome:
+        t = self.cfg.train
         try:
             while self.step < t.max_steps:
                 micro_batches = loader.next()
@@ -412,12 +436,15 @@ class Trainer:
 
     def after_step(self, result: StepResult) -> Optional[Outcome]:
         """Logging, evaluation, checkpoints and stopping: the only place that reads the device."""
-        t, step = self.cfg.train, self.step
+        t, step, state = self.cfg.train, self.step, self.run_state
         stopping = self.stop.poll()  # every rank, every step (a CPU collective: no device wait)
-        if any([cb.on_step_end(step) for cb in self.callbacks]):
-            return Outcome("stopped", last_eval=self.last_eval)
+        state.step, state.samples_seen, state.eval_requested, state.save_requested = step, self.samples_seen, False, False
+        self._emit("on_step_end", result)
+        if state.stop_reason and not (state.eval_requested or state.save_requested):
+            return Outcome("stopped", state.stop_reason, last_eval=self.last_eval)  # at once: no evaluation, no checkpoint
         last = step == t.max_steps
-        log_now, eval_now, save_now = step % t.log_every == 0 or last, step % t.eval_every == 0 or last, step % t.save_every == 0 or last
+        log_now, eval_now = step % t.log_every == 0 or last, step % t.eval_every == 0 or last or state.eval_requested
+        save_now = step % t.save_every == 0 or last or state.save_requested
         if not (log_now or eval_now or save_now or stopping):
             self.log.advance()
             return None
@@ -432,14 +459,26 @@ class Trainer:
         if eval_now:
             evaluation = self.evaluate()
             improved = self.checkpointer.is_best(evaluation.record, evaluation.report)
-        if save_now or improved or stopping:
+            state.last_eval = self.last_eval
+            self._emit("on_eval", evaluation)
+        if save_now or improved or stopping or state.save_requested:
             ckpt = self.save()
             if improved:
                 self.checkpointer.mark_best(ckpt, evaluation.record, step)
+            self._emit("on_save", ckpt)
             if stopping:
                 self.logger.info(f"stopping at step {step} ({self.stop.reason}): checkpoint {ckpt}; continue with --resume auto")
                 return Outcome("preempted", last_eval=self.last_eval)
+        if state.stop_reason:
+            self._flush_losses()  # metrics.jsonl keeps every step trained
+            self.logger.info(f"stopping at step {step}: {state.stop_reason}")
+            return Outcome("stopped", state.stop_reason, last_eval=self.last_eval)
         return None
+
+    def _emit(self, event: str, *args) -> None:
+        """One event of bigtrain.api.Callback to every callback, with the loop's state."""
+        for cb in self.callbacks:
+            getattr(cb, event)(self.run_state, *args)
 
     def _judge(self) -> Optional[Outcome]:
         """Read the pending steps' results (one gather) and act on the guard's verdict."""
@@ -481,10 +520,13 @@ class Trainer:
         extra = {**numbers, "tokens": self.samples_seen * self.cfg.data.seq_len, **self._step_numbers()}
         at = lambda step: self.task.progress(self.samples_seen - (self.step - step) * self.global_batch)  # noqa: E731
         if self.cfg.train.log_every == 1:
-            for step, loss in self._losses:
-                self.log.record({"step": step, "loss": loss, "lr": lr, **extra, **at(step)})
-        elif self._losses:
-            self.log.record({"step": self.step, "loss": sum(v for _, v in self._losses) / len(self._losses), "lr": lr, **extra, **at(self.step)})
+            records = [{"step": step, "loss": loss, "lr": lr, **extra, **at(step)} for step, loss in self._losses]
+        else:
+            records = [{"step": self.step, "loss": sum(v for _, v in self._losses) / len(self._losses), "lr": lr, **extra,
+                        **at(self.step)}] if self._losses else []
+        for record in records:
+            self.log.record(record)
+            self._emit("on_log", record)
         self._log_epochs()
         bar = {"tok_s": f"{numbers['tokens_per_s']:,.0f}"}
         if "mfu" in numbers:
@@ -521,7 +563,8 @@ class Trainer:
     def state(self) -> dict:
         return {
             "step": self.step,
-            "task": self.cfg.task,
+            # What the export and `bigtrain eval` build: a user's task trains one of the built-in models.
+            "task": self.task.model_task if is_reference(self.cfg.task) else self.cfg.task,
             "samples_seen": self.samples_seen,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "global_batch": self.global_batch,
@@ -534,6 +577,7 @@ class Trainer:
             "seed": self.cfg.train.seed,
             "lora": self.lora,
             "resized_embedding": self.resized_embedding,
+            "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
         }
 
     def save(self) -> Path:
@@ -606,6 +650,20 @@ class Trainer:
         return model_dir
 
 
+def user_callbacks(cfg: Config) -> list[Callback]:
+    """train.callbacks, each built with its keyword arguments (a failing constructor is one error line)."""
+    from bigtrain.config import callback_specs
+
+    out = []
+    for cls, kwargs, where in callback_specs(cfg):
+        try:
+            out.append(cls(**kwargs))
+        except Exception as e:  # noqa: BLE001 - the user's constructor: its message, where it was configured
+            raise UserError(f"{where}: {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: "
+                            f"{type(e).__name__}: {e}") from None
+    return out
+
+
 def run_training(cfg: Config, resume: Optional[str], overwrite: bool, trust_checkpoint: bool = False) -> int:
     return run_trainer(Trainer(cfg, resume=resume, overwrite=overwrite, trust_checkpoint=trust_checkpoint))
 
@@ -626,7 +684,8 @@ def run_trainer(trainer: Trainer) -> int:
         os._exit(RANK_LOST_EXIT_CODE)
     if outcome.status in ("diverged", "save_failed"):
         trainer.logger.info(f"error: {outcome.message}")
-    elif outcome.status == "completed":
+    elif outcome.status == "completed" or (outcome.status == "stopped" and trainer.checkpointer.latest() is not None):
+        # A run a callback stopped (early stopping) is as finished as a completed one: exported.
         if "eval_ppl" in outcome.last_eval:
             trainer.logger.info(f"final validation loss {outcome.last_eval['eval_loss']:.4f}, perplexity {outcome.last_eval['eval_ppl']:.2f}")
         trainer.finish()

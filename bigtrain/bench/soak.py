@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigtrain.errors import UserError
-from bigtrain.steps import Callback
+from bigtrain.api import Callback
 
 SHM = Path("/dev/shm")
 DS_BUFFER = "deepspeed_allreduce_buffer_"
@@ -100,13 +100,12 @@ class Sampler(Callback):
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
 
-    def on_train_start(self) -> None:
+    def on_train_start(self, state) -> None:  # noqa: ARG002
         self.sample(0)
 
-    def on_step_end(self, step: int) -> bool:
-        if step % self.every == 0 or step == self.last:
-            self.sample(step)
-        return False
+    def on_step_end(self, state, result) -> None:  # noqa: ARG002
+        if state.step % self.every == 0 or state.step == self.last:
+            self.sample(state.step)
 
     def close(self) -> None:
         self.file.close()

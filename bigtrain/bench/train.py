@@ -27,7 +27,7 @@ from typing import Any
 
 from bigtrain.errors import UserError
 from bigtrain.flops import FLOP_FORMULA, device_peak_flops, flops_per_token, peak_memory
-from bigtrain.steps import Callback
+from bigtrain.api import Callback
 
 NO_EVAL = 1 << 40
 
@@ -67,15 +67,16 @@ class StepTimer(Callback):
         self.steps.append(self._current)
         self._current = {}
 
-    def on_train_start(self) -> None:
+    def on_train_start(self, state) -> None:  # noqa: ARG002
         self._last = self._now()
 
     def on_phase(self, name: str) -> None:
         self.mark(name)
 
-    def on_step_end(self, step: int) -> bool:
+    def on_step_end(self, state, result) -> None:  # noqa: ARG002
         self.end_step()
-        return step >= self.stop_at
+        if state.step >= self.stop_at:
+            state.request_stop("the benchmark's steps are done")
 
 
 def peak_memory_bytes(cuda: bool) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from bigtrain.config import load_config
 from bigtrain.engine import leave
-from bigtrain.steps import Callback
+from bigtrain.api import Callback
 from bigtrain.trainer import Trainer
 
 out_path, overrides = sys.argv[1], sys.argv[2:]
