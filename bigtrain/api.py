@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 # the other ranks, the seeded and resumable order of sample ids that the built-in tasks use, and
 # the label that is not learned.
 from bigtrain.data import BatchSchedule
-from bigtrain.tasks import IGNORE, Comm, Evaluation
+from bigtrain.evaluation import Comm, Evaluation
+from bigtrain.tasks import IGNORE
 
 __all__ = ["Task", "BaseTask", "Schedule", "Callback", "TrainState", "Evaluation", "Comm", "BatchSchedule", "IGNORE", "MODEL_TASKS"]
 

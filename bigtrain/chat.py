@@ -432,7 +432,7 @@ class SFTTask:
     def evaluate(self, forward: Callable, comm) -> "object":
         import torch
 
-        from bigtrain.tasks import Evaluation, rank_slices
+        from bigtrain.evaluation import Evaluation, rank_slices
 
         if len(self.valid_indices) == 0:  # data.valid_fraction=0 and no valid_files
             return Evaluation({})

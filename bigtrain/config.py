@@ -24,7 +24,9 @@ from typing import Any, Callable, Optional, Union
 import yaml
 
 from bigtrain.errors import UserError
+from bigtrain.layout import data_parallel_size
 from bigtrain.plugins import is_reference, load_object
+from bigtrain.pretrained import check_pretrained_dir
 from bigtrain.trackers import check_report_to
 
 TASKS = ("clm", "mlm", "classify", "token_classify", "sft")
@@ -583,8 +585,6 @@ def validate(cfg: Config, where_of) -> None:
     _validate_train_numbers(cfg, where_of)
     _validate_deepspeed(cfg, where_of)
     if cfg.model.from_pretrained:
-        from bigtrain.models import check_pretrained_dir
-
         check_pretrained_dir(cfg.model.from_pretrained, where_of("model.from_pretrained"))
     if not str(cfg.output_dir).strip():
         raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
@@ -701,8 +701,6 @@ def _validate_deepspeed(cfg: Config, where_of) -> None:
         raise UserError(f"{where_of('deepspeed.offload_param')}: 'deepspeed.offload_param={ds.offload_param}' needs deepspeed.zero_stage=3 (got {ds.zero_stage})")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise UserError(f"{where_of('deepspeed.offload_optimizer')}: 'deepspeed.offload_optimizer={ds.offload_optimizer}' needs deepspeed.zero_stage >= 1")
-    from bigtrain.parallel import check_parallel_config
-
     check_parallel_config(cfg, where_of)
     _check_json_mapping(cfg.model.config, "model.config", where_of)
     user = user_ds_config(cfg, where_of)
@@ -713,11 +711,38 @@ def _validate_deepspeed(cfg: Config, where_of) -> None:
     decide_precision(cfg, None, where_of)  # conflicts between deepspeed.precision and deepspeed.config
 
 
+def check_parallel_config(cfg, where_of) -> None:
+    """The rules that need no world size and no model: sizes, task, ZeRO stage, not both."""
+    ds = cfg.deepspeed
+    for key in ("tensor_parallel", "sequence_parallel", "expert_parallel"):
+        value = getattr(ds, key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{where_of('deepspeed.' + key)}: 'deepspeed.{key}' must be a whole number, got {value!r}")
+        _check_range(value, f"deepspeed.{key}", where_of, lo=1, hi=1 << 12)
+    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1:
+        return
+    key = "deepspeed.tensor_parallel" if ds.tensor_parallel > 1 else "deepspeed.sequence_parallel"
+    if ds.tensor_parallel > 1 and ds.sequence_parallel > 1:
+        raise UserError(f"{where_of(key)}: deepspeed.tensor_parallel={ds.tensor_parallel} with deepspeed.sequence_parallel="
+                        f"{ds.sequence_parallel}: DeepSpeed does not combine AutoTP with Ulysses; choose one")
+    if cfg.task != "clm":
+        raise UserError(f"{where_of(key)}: {key.split('.')[1]} is for causal LM training (task=clm), not task={cfg.task}")
+    if cfg.data.mode != "packed":
+        raise UserError(f"{where_of(key)}: {key.split('.')[1]} needs data.mode=packed (full-length sequences)")
+    if ds.zero_stage == 0:
+        # Ulysses reduces gradients through the ZeRO optimizer, and a ZeRO-0 checkpoint of a split
+        # model cannot be converted to DeepSpeed's universal format (resume in another layout, export).
+        raise UserError(f"{where_of('deepspeed.zero_stage')}: {key.split('.')[1]} needs deepspeed.zero_stage 1, 2 or 3 "
+                        f"(got 0: DeepSpeed cannot convert a ZeRO-0 checkpoint of a split model)")
+    if ds.sequence_parallel > 1:
+        if cfg.data.seq_len % ds.sequence_parallel:
+            raise UserError(f"{where_of('data.seq_len')}: data.seq_len={cfg.data.seq_len} does not divide by "
+                            f"deepspeed.sequence_parallel={ds.sequence_parallel}")
+
+
 def check_batch(cfg: Config, world_size: int, where_of=None) -> int:
     """Batch-size arithmetic. Returns the global batch size (samples per optimizer step)."""
     where_of = where_of or (lambda key: "config")
-    from bigtrain.parallel import data_parallel_size
-
     t = cfg.train
     per_step = t.micro_batch_size * t.grad_accum
     dp = data_parallel_size(cfg, world_size, where_of)  # ranks holding different samples

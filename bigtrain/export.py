@@ -91,7 +91,7 @@ def _export_lora(ckpt: Path, out: Path, config, state: dict, max_shard_bytes: in
     plain transformers model) or its adapter directory (adapter_config.json, adapter_model.safetensors)."""
     from bigtrain.lora import rebuild
 
-    model = rebuild(config, state.get("task"), state["lora"], lazy_state_dict(ckpt))
+    model = rebuild(model_class_for(config, state.get("task")), config, state["lora"], lazy_state_dict(ckpt))
 
     def fill(tmp: Path) -> None:
         if adapter_only:
@@ -238,3 +238,19 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
         config.save_pretrained(str(tmp))
 
     return _write_model_dir(out, hf, fill)
+
+
+def adapt_universal(universal: Path, ckpt: Path, saved_ep: int, ep: int) -> None:
+    """Make the universal form of `ckpt` (trained at expert_parallel=saved_ep) loadable at ep.
+    Between two expert-parallel sizes DeepSpeed's AutoEP reshards the experts itself; to and
+    from one process's layout the parameters change names (transformers' vs AutoEP's)."""
+    if (saved_ep > 1) == (ep > 1):
+        return
+    from bigtrain.models import load_pretrained_config
+    from bigtrain.moe import add_autoep_names, add_hf_names, num_experts
+
+    if ep == 1:
+        add_hf_names(universal, checkpoint_shapes(ckpt))
+    else:
+        hf = load_pretrained_config(str(ckpt / "hf"), where=str(ckpt))
+        add_autoep_names(universal, hf.hidden_size, num_experts(hf), ep)

@@ -75,14 +75,13 @@ def count_trainable(model) -> tuple[int, int]:
     return trainable, total
 
 
-def rebuild(config, task: str, settings: dict, state: dict):
-    """The wrapped model of a checkpoint, on CPU in fp32, with its trained weights."""
+def rebuild(model_class, config, settings: dict, state: dict):
+    """The wrapped model of a checkpoint (its transformers Auto class and config), on CPU in
+    fp32, with its trained weights."""
     import torch
 
-    from bigtrain.export import model_class_for
-
     torch.manual_seed(0)
-    base = model_class_for(config, task).from_config(config)
+    base = model_class.from_config(config)
     model = wrap(base, settings)
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))

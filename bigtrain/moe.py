@@ -311,19 +311,3 @@ def add_autoep_names(universal: Path, hidden_size: int, experts: int, ep: int) -
     tmp = zero / ".tmp-optimizer_state.pt"
     torch.save(state, tmp)
     tmp.replace(zero / "optimizer_state.pt")
-
-
-def adapt_universal(universal: Path, ckpt: Path, saved_ep: int, ep: int) -> None:
-    """Make the universal form of `ckpt` (trained at expert_parallel=saved_ep) loadable at ep.
-    Between two expert-parallel sizes DeepSpeed's AutoEP reshards the experts itself; to and
-    from one process's layout the parameters change names (transformers' vs AutoEP's)."""
-    if (saved_ep > 1) == (ep > 1):
-        return
-    from bigtrain.export import checkpoint_shapes
-    from bigtrain.models import load_pretrained_config
-
-    if ep == 1:
-        add_hf_names(universal, checkpoint_shapes(ckpt))
-    else:
-        hf = load_pretrained_config(str(ckpt / "hf"), where=str(ckpt))
-        add_autoep_names(universal, hf.hidden_size, num_experts(hf), ep)

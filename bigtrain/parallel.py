@@ -37,100 +37,14 @@ reduce-scatter divides by the whole world instead, so there the backward share i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Optional
 
 from bigtrain.errors import UserError
+from bigtrain.config import check_parallel_config  # noqa: F401 - parallel's API
+from bigtrain.layout import Layout, data_parallel_size, describe_saved_layout, layout_of  # noqa: F401 - parallel's API
 
 IGNORE = -100
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where this rank sits: world = dp x tp x sp, model-parallel groups on consecutive ranks."""
-
-    world: int
-    rank: int = 0
-    tp: int = 1
-    sp: int = 1
-    ep: int = 1  # experts split over ep ranks; every rank still holds its own samples
-
-    @property
-    def group(self) -> int:
-        """Ranks per model-parallel group (they hold the same samples)."""
-        return self.tp * self.sp
-
-    @property
-    def dp(self) -> int:
-        return self.world // self.group
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank // self.group
-
-    @property
-    def sp_rank(self) -> int:
-        return self.rank % self.sp
-
-    def describe(self) -> str:
-        experts = f", expert parallel {self.ep}" if self.ep > 1 else ""
-        if self.group == 1:
-            return f"world size {self.world}{experts}"
-        kind = f"tensor parallel {self.tp}" if self.tp > 1 else f"sequence parallel {self.sp}"
-        return f"world size {self.world} = data parallel {self.dp} x {kind}{experts}"
-
-
-def describe_saved_layout(state: dict) -> str:
-    """A checkpoint's layout from its trainer_state.json (older ones have no tp/sp/ep: 1)."""
-    return Layout(state["world_size"], 0, state.get("tensor_parallel", 1), state.get("sequence_parallel", 1),
-                  state.get("expert_parallel", 1)).describe()
-
-
-def layout_of(cfg, world: int, rank: int = 0) -> Layout:
-    return Layout(world, rank, cfg.deepspeed.tensor_parallel, cfg.deepspeed.sequence_parallel, cfg.deepspeed.expert_parallel)
-
-
-def check_parallel_config(cfg, where_of) -> None:
-    """The rules that need no world size and no model: sizes, task, ZeRO stage, not both."""
-    from bigtrain.config import _check_range
-
-    ds = cfg.deepspeed
-    for key in ("tensor_parallel", "sequence_parallel", "expert_parallel"):
-        value = getattr(ds, key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise UserError(f"{where_of('deepspeed.' + key)}: 'deepspeed.{key}' must be a whole number, got {value!r}")
-        _check_range(value, f"deepspeed.{key}", where_of, lo=1, hi=1 << 12)
-    if ds.tensor_parallel == 1 and ds.sequence_parallel == 1:
-        return
-    key = "deepspeed.tensor_parallel" if ds.tensor_parallel > 1 else "deepspeed.sequence_parallel"
-    if ds.tensor_parallel > 1 and ds.sequence_parallel > 1:
-        raise UserError(f"{where_of(key)}: deepspeed.tensor_parallel={ds.tensor_parallel} with deepspeed.sequence_parallel="
-                        f"{ds.sequence_parallel}: DeepSpeed does not combine AutoTP with Ulysses; choose one")
-    if cfg.task != "clm":
-        raise UserError(f"{where_of(key)}: {key.split('.')[1]} is for causal LM training (task=clm), not task={cfg.task}")
-    if cfg.data.mode != "packed":
-        raise UserError(f"{where_of(key)}: {key.split('.')[1]} needs data.mode=packed (full-length sequences)")
-    if ds.zero_stage == 0:
-        # Ulysses reduces gradients through the ZeRO optimizer, and a ZeRO-0 checkpoint of a split
-        # model cannot be converted to DeepSpeed's universal format (resume in another layout, export).
-        raise UserError(f"{where_of('deepspeed.zero_stage')}: {key.split('.')[1]} needs deepspeed.zero_stage 1, 2 or 3 "
-                        f"(got 0: DeepSpeed cannot convert a ZeRO-0 checkpoint of a split model)")
-    if ds.sequence_parallel > 1:
-        if cfg.data.seq_len % ds.sequence_parallel:
-            raise UserError(f"{where_of('data.seq_len')}: data.seq_len={cfg.data.seq_len} does not divide by "
-                            f"deepspeed.sequence_parallel={ds.sequence_parallel}")
-
-
-def data_parallel_size(cfg, world: int, where_of=None) -> int:
-    """world / (tp x sp), refusing a world size that the model-parallel groups do not divide."""
-    where_of = where_of or (lambda key: "config")
-    layout = layout_of(cfg, world)
-    if world % layout.group:
-        key = "deepspeed.tensor_parallel" if layout.tp > 1 else "deepspeed.sequence_parallel"
-        raise UserError(f"{where_of(key)}: the world size {world} does not divide into groups of {layout.group} "
-                        f"({key.split('.')[1]}={layout.group}); use a multiple of {layout.group} ranks")
-    return layout.dp
 
 
 def check_model(cfg, hf_config, where_of, world: Optional[int] = None) -> None:

@@ -131,7 +131,7 @@ def load_tokenizer(path: str | os.PathLike, where: str = "data.tokenizer"):
         from bigtrain.models import remote_code_files
 
         if remote_code_files(p) or "trust_remote_code" in str(e):
-            from bigtrain.models import refuse_remote_code
+            from bigtrain.pretrained import refuse_remote_code
 
             refuse_remote_code(p, where, e)
         raise UserError(f"{where}: cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

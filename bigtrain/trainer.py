@@ -43,7 +43,8 @@ from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, co
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings
-from bigtrain.moe import RouterMonitor, active_parameters, adapt_universal, experts_per_token, num_experts
+from bigtrain.export import adapt_universal
+from bigtrain.moe import RouterMonitor, active_parameters, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
@@ -285,7 +286,7 @@ class Trainer:
         """A ZeRO checkpoint written in another layout (world size, tensor, sequence or expert
         parallelism) is partitioned for that layout: it is converted to DeepSpeed's universal
         format once (rank 0) and loaded as such. A change of expert parallelism always goes
-        through it: AutoEP's parameters are not transformers' (bigtrain/moe.py adapt_universal)."""
+        through it: AutoEP's parameters are not transformers' (bigtrain/export.py adapt_universal)."""
         saved = read_state(ckpt)
         if saved.get("expert_parallel", 1) != self.cfg.deepspeed.expert_parallel:
             return True

@@ -294,14 +294,15 @@ def test_lora_merged_export_equals_the_adapted_model_and_the_adapter_is_peft_s(l
     from transformers import AutoModelForCausalLM
 
     from bigtrain.checkpoint import read_state
-    from bigtrain.export import export, lazy_state_dict
+    from bigtrain.export import export, lazy_state_dict, model_class_for
     from bigtrain.lora import rebuild
     from bigtrain.models import load_pretrained_config
 
     out, _, _ = lora_run
     ckpt = out / "checkpoints" / "step_00000006"
     state = read_state(ckpt)
-    adapted = rebuild(load_pretrained_config(str(ckpt / "hf")), state["task"], state["lora"], lazy_state_dict(ckpt))
+    config = load_pretrained_config(str(ckpt / "hf"))
+    adapted = rebuild(model_class_for(config, state["task"]), config, state["lora"], lazy_state_dict(ckpt))
     merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
     assert not any("lora" in k for k in merged.state_dict())
     ids = torch.randint(0, merged.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -86,7 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import document_bounds
+from .segments import document_bounds
 
 
 def _interpreting() -> bool:
