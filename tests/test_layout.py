@@ -77,7 +77,7 @@ def test_a_pinned_environment_has_exactly_the_pinned_versions():
     # installed. (make test-latest's environment is meant to differ.)
     mode = Path(sys.prefix, ".bigtrain-deps")
     if not mode.exists() or mode.read_text().strip() != "pinned":
-        pytest.skip(f"not an environment installed from constraints.txt ({mode})")
+        pytest.skip(reason=f"not an environment installed from constraints.txt ({mode})")
     pins = {}
     for line in (REPO / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):

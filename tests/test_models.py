@@ -247,7 +247,7 @@ def test_docs_models_page_is_what_the_suite_measured(measured):
     import importlib.util
 
     if os.environ.get("BIGTRAIN_MATRIX_OUT"):
-        pytest.skip("make models-page writes docs/models.md from these measurements")
+        pytest.skip(reason="make models-page writes docs/models.md from these measurements")
 
     spec = importlib.util.spec_from_file_location("models_table", REPO / "scripts" / "models_table.py")
     table = importlib.util.module_from_spec(spec)

@@ -37,7 +37,7 @@ def chromium() -> str:
         return r.stdout.strip().splitlines()[-1]
     if os.environ.get("CI"):
         pytest.fail(r.stdout + r.stderr)
-    pytest.skip(f"no headless Chromium for the report screenshots, and tests/chromium.sh cannot install one here: {r.stdout.strip()}")
+    pytest.skip(reason=f"no headless Chromium for the report screenshots, and tests/chromium.sh cannot install one here: {r.stdout.strip()}")
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_descriptor_allocator_is_set_on_every_launching_thread(monkeypatch):
 
     allocation = pytest.importorskip("triton.runtime._allocation")
     if not ta.HAS_DESCRIPTORS:
-        pytest.skip("this Triton has no tensor descriptors")
+        pytest.skip(reason="this Triton has no tensor descriptors")
     monkeypatch.setattr(ta, "INTERPRET", False)
     monkeypatch.setenv("BIGTRAIN_ATTN_TMA", "1")
     t = torch.zeros(64, 64)
