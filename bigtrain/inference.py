@@ -18,6 +18,7 @@ import numpy as np
 
 from bigtrain import tasks
 from bigtrain.errors import UserError
+from bigtrain.plugins import is_reference
 
 
 def load_model_dir(model_dir: str):
@@ -75,7 +76,9 @@ def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print)
     files = cfg.data.valid_files or cfg.data.train_files
     device = _device()
     model.to(device)
-    if task in ("classify", "token_classify"):
+    if is_reference(cfg.task):  # a user's task (bigtrain.api.Task) evaluates with its own data
+        task, (evaluator, described) = cfg.task, _custom_evaluator(cfg, tokenizer, log)
+    elif task in ("classify", "token_classify"):
         evaluator, described = _labeled_evaluator(task, cfg, files, model, tokenizer, names, log)
     elif cfg.task == "sft" and task == "clm":
         task, (evaluator, described) = "sft", _sft_evaluator(cfg, files, model, tokenizer)
@@ -90,6 +93,16 @@ def evaluate_model(model_dir: str, cfg, output: Optional[str] = None, log=print)
     print(json.dumps(result))
     log(f"metrics written to {out_path}")
     return result
+
+
+def _custom_evaluator(cfg, tokenizer, log) -> tuple:
+    """A user's task, prepared and loaded as in training (one process) with the model's tokenizer."""
+    evaluator = tasks.build_task(cfg)
+    evaluator.prepare(0, False, log)
+    evaluator.prepare(0, True, log)
+    evaluator.open()
+    evaluator.load(tokenizer)
+    return evaluator, {"data": evaluator.describe()}
 
 
 def _labeled_evaluator(task: str, cfg, files: list, model, tokenizer, names: list, log) -> tuple:

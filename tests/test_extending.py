@@ -136,3 +136,15 @@ def test_bad_user_code_is_one_error_line_naming_the_key(capsys, tmp_path, args, 
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     assert key in err[0], err  # the config key, after where it was set (the override here)
     assert not out.exists()
+
+
+def test_bigtrain_eval_runs_a_users_task_on_the_export(reverse_run, cli, tmp_path):
+    """`bigtrain eval MODEL_DIR task=...`: the task's own evaluation on the exported (best, step
+    50) model, in one process, gives the numbers the run logged at that step."""
+    _, out, _ = reverse_run
+    r = cli(["eval", str(out / "model"), f"task={TASK}", f"output_dir={tmp_path / 'eval'}", "--output", str(tmp_path / "eval.json")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "eval.json").read_text())
+    logged = next(x for x in records(out) if x.get("step") == 50 and "eval_reverse_accuracy" in x)
+    assert got["eval_reverse_accuracy"] == logged["eval_reverse_accuracy"], (got, logged)
+    assert abs(got["eval_loss"] - logged["eval_loss"]) <= 1e-6 * logged["eval_loss"], (got, logged)
