@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 # the label that is not learned.
 from bigtrain.data import BatchSchedule
 from bigtrain.evaluation import Comm, Evaluation
-from bigtrain.tasks import IGNORE
+from bigtrain.loss import IGNORE
 
 __all__ = ["Task", "BaseTask", "Schedule", "Callback", "TrainState", "Evaluation", "Comm", "BatchSchedule", "IGNORE", "MODEL_TASKS"]
 

@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 from bigtrain.errors import UserError
+from bigtrain.loss import IGNORE
 
-IGNORE = -100
 ROLES = ("system", "user", "assistant")
 # ChatML: <|im_start|>ROLE\nCONTENT<|im_end|>\n per turn; the generation prompt opens an assistant turn.
 DEFAULT_TEMPLATE = (
@@ -310,7 +310,7 @@ def prepare_chat(cfg, log: Callable = print) -> ChatData:
 
     from bigtrain.config import cache_root, where_of
     from bigtrain.data import resolve_tokenizer_dir
-    from bigtrain.tokenizer import train_bpe
+    from bigtrain.tokenizer import cached_tokenizer
 
     d = cfg.data
     if not d.train_files:
@@ -320,11 +320,8 @@ def prepare_chat(cfg, log: Callable = print) -> ChatData:
     tok_dir = resolve_tokenizer_dir(cfg)
     if tok_dir is None:
         texts = [m["content"] for c in train for m in c.messages]
-        key = hashlib.sha256(json.dumps([hashlib.sha256("\0".join(texts).encode()).hexdigest(), d.vocab_size, "chat-bpe-v1"]).encode()).hexdigest()[:24]
-        tok_dir = cache_root(cfg) / "tokenizers" / key
-        if not (tok_dir / "tokenizer.json").is_file():
-            log(f"training a byte-level BPE tokenizer (vocab {d.vocab_size}) on the conversations ...")
-            train_bpe(texts, d.vocab_size, tok_dir)
+        key = [hashlib.sha256("\0".join(texts).encode()).hexdigest(), d.vocab_size, "chat-bpe-v1"]
+        tok_dir = cached_tokenizer(cache_root(cfg), key, "chat-bpe-v1", d.vocab_size, texts, "the conversations", log)
     return ChatData(tok_dir, train, valid)
 
 

@@ -377,31 +377,6 @@ def _flat_tokens(tok_ds) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(values).astype(np.int64), np.concatenate(lengths).astype(np.int64)
 
 
-def pack(flat: np.ndarray, lengths: np.ndarray, eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents -> (n_blocks, seq_len) token blocks and per-token segment ids.
-
-    Each non-empty document is followed by EOS; the stream is cut into full blocks (the
-    remainder is dropped, as in transformers' run_clm `group_texts`). segment_ids count
-    documents within a block from 0, so equal ids mean "same document".
-    """
-    keep = lengths > 0
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    starts, ends = offsets[:-1][keep], offsets[1:][keep]
-    if len(starts) == 0:
-        return np.zeros((0, seq_len), np.int32), np.zeros((0, seq_len), np.int32)
-    if not keep.all():
-        flat = np.concatenate([flat[s:e] for s, e in zip(starts, ends)])
-        lengths = lengths[keep]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-    stream = np.insert(flat, offsets[1:], eos_id)
-    doc_of_token = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths + 1)
-    n_blocks = len(stream) // seq_len
-    stream = stream[: n_blocks * seq_len].reshape(n_blocks, seq_len)
-    docs = doc_of_token[: n_blocks * seq_len].reshape(n_blocks, seq_len)
-    segments = docs - docs[:, :1]
-    return stream.astype(np.int32), segments.astype(np.int32)
-
-
 def line_examples(flat: np.ndarray, lengths: np.ndarray, pad_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """One example per non-empty line, truncated to seq_len and right-padded; returns (ids, lengths)."""
     keep = lengths > 0
@@ -468,10 +443,9 @@ def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str,
     out = cache / "packed" / key
     if (out / "bigtrain_meta.json").is_file():
         return out
-    docs = load_documents(sources, "line" if cfg_data.mode == "line_by_line" else cfg_data.sample_by, cfg_data.text_field, cfg_data.on_decode_error, cache, content_hash)
-    if cfg_data.mode == "line_by_line":
-        # As transformers' old LineByLineTextDataset: blank and whitespace-only lines are no examples.
-        docs = docs.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, batch_size=4096)
+    docs = load_documents(sources, "line", cfg_data.text_field, cfg_data.on_decode_error, cache, content_hash)
+    # As transformers' old LineByLineTextDataset: blank and whitespace-only lines are no examples.
+    docs = docs.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, batch_size=4096)
     log(f"tokenizing {len(docs)} documents ...")
     tok_ds = tokenize(docs, tokenizer, cfg_data.num_proc)
     flat, lengths = _flat_tokens(tok_ds)
@@ -644,7 +618,7 @@ def resolve_tokenizer_dir(cfg) -> Optional[Path]:
 def prepare(cfg, log=print) -> PreparedData:
     """Check the data, train or load the tokenizer, tokenize and pack (cached). Idempotent."""
     from bigtrain.config import cache_root
-    from bigtrain.tokenizer import load_tokenizer, train_bpe, train_wordpiece
+    from bigtrain.tokenizer import cached_tokenizer, load_tokenizer
 
     d = cfg.data
     if d.mode != "line_by_line":
@@ -663,16 +637,8 @@ def prepare(cfg, log=print) -> PreparedData:
     tok_dir = resolve_tokenizer_dir(cfg)
     if tok_dir is None:
         kind = "wordpiece-v1" if cfg.task == "mlm" else "bpe-v1"
-        key = hashlib.sha256(json.dumps([content_hash, d.vocab_size, d.text_field, kind]).encode()).hexdigest()[:24]
-        tok_dir = cache / "tokenizers" / key
-        if not (tok_dir / "tokenizer.json").is_file():
-            texts = iter_document_texts(sources, d.text_field, d.on_decode_error)
-            if kind.startswith("wordpiece"):
-                log(f"training a WordPiece tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
-                train_wordpiece(texts, d.vocab_size, tok_dir)
-            else:
-                log(f"training a byte-level BPE tokenizer (vocab {d.vocab_size}) on {len(sources)} file(s) ...")
-                train_bpe(texts, d.vocab_size, tok_dir)
+        tok_dir = cached_tokenizer(cache, [content_hash, d.vocab_size, d.text_field, kind], kind, d.vocab_size,
+                                   iter_document_texts(sources, d.text_field, d.on_decode_error), f"{len(sources)} file(s)", log)
     tokenizer = load_tokenizer(tok_dir)
     from bigtrain.shards import tokenizer_hash
 

@@ -331,10 +331,6 @@ def compile_summary() -> str:
     return f"{graphs} graph(s) compiled, {breaks} graph break(s)"
 
 
-class LossScaleFloor(RuntimeError):
-    """fp16 training can no longer make progress: its loss scale is at the minimum and still overflows."""
-
-
 # DeepSpeed's DynamicLossScaler raises a bare Exception with this text when it would go below its minimum.
 DEEPSPEED_MIN_SCALE_MESSAGE = "loss scale already at minimum"
 

@@ -58,7 +58,7 @@ import functools
 from types import SimpleNamespace
 from typing import Optional
 
-IGNORE = -100
+IGNORE = -100  # the label transformers' losses skip: not learned (the one definition in bigtrain)
 # auto: on from this many fp32 logits per micro-batch (2**26 x 4 bytes = 256 MiB).
 AUTO_ELEMENTS = 1 << 26
 # Logits per chunk: 2**24 x 4 bytes = 64 MiB in fp32 (e.g. 128 tokens at a 128k vocabulary).

@@ -41,10 +41,10 @@ from types import SimpleNamespace
 from typing import Any, Optional
 
 from bigtrain.errors import UserError
+from bigtrain.loss import IGNORE
 from bigtrain.config import check_parallel_config  # noqa: F401 - parallel's API
 from bigtrain.layout import Layout, data_parallel_size, describe_saved_layout, layout_of  # noqa: F401 - parallel's API
 
-IGNORE = -100
 
 
 def check_model(cfg, hf_config, where_of, world: Optional[int] = None) -> None:

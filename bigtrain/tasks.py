@@ -19,9 +19,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from bigtrain.errors import UserError
+from bigtrain.loss import IGNORE
 from bigtrain.evaluation import Comm, Evaluation, rank_slices  # noqa: F401 - part of the task interface
 
-IGNORE = -100
 
 
 # --------------------------------------------------------------------------- mlm
@@ -243,12 +243,11 @@ class LabeledData:
 def prepare_labeled(cfg, log: Callable = print) -> LabeledData:
     """Read and check the labeled files, and find (or train) the tokenizer. Every rank runs it
     before joining the process group, so bad data ends the job before any collective."""
-    import json
 
     from bigtrain.config import cache_root, where_of
     from bigtrain.data import resolve_tokenizer_dir
     from bigtrain.labeled import check_known_labels
-    from bigtrain.tokenizer import train_wordpiece
+    from bigtrain.tokenizer import cached_tokenizer
 
     d = cfg.data
     if len(d.train_files) != 1:
@@ -275,11 +274,8 @@ def prepare_labeled(cfg, log: Callable = print) -> LabeledData:
     tok_dir = resolve_tokenizer_dir(cfg)
     if tok_dir is None:
         texts = [" ".join(e.tokens) if cfg.task == "token_classify" else " ".join(filter(None, (e.text_a, e.text_b))) for e in train]
-        key = hashlib.sha256(json.dumps([hashlib.sha256(Path(train_path).read_bytes()).hexdigest(), d.vocab_size, "wordpiece-v1"]).encode()).hexdigest()[:24]
-        tok_dir = cache_root(cfg) / "tokenizers" / key
-        if not (tok_dir / "tokenizer.json").is_file():
-            log(f"training a WordPiece tokenizer (vocab {d.vocab_size}) on {train_path} ...")
-            train_wordpiece(texts, d.vocab_size, tok_dir)
+        key = [hashlib.sha256(Path(train_path).read_bytes()).hexdigest(), d.vocab_size, "wordpiece-v1"]
+        tok_dir = cached_tokenizer(cache_root(cfg), key, "wordpiece-v1", d.vocab_size, texts, str(train_path), log)
     return LabeledData(tok_dir, train, valid, names)
 
 

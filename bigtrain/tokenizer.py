@@ -49,6 +49,22 @@ def training_pieces(texts: Iterable[str]) -> Iterator[str]:
             start = end
 
 
+def cached_tokenizer(cache: Path, key_parts: list, kind: str, vocab_size: int, texts: Iterable[str], what: str, log) -> Path:
+    """The tokenizer a run trains when it is given none (the one place that decides it): a
+    byte-level BPE ("bpe" kinds) or a WordPiece ("wordpiece" kinds) of `vocab_size` on `texts`
+    (read only when it trains), kept in `cache`/tokenizers under a hash of `key_parts`, which name
+    everything it depends on; trained once."""
+    import hashlib
+    import json
+
+    out = Path(cache) / "tokenizers" / hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:24]
+    if not (out / "tokenizer.json").is_file():
+        wordpiece = kind.startswith("wordpiece")
+        log(f"training a {'WordPiece' if wordpiece else 'byte-level BPE'} tokenizer (vocab {vocab_size}) on {what} ...")
+        (train_wordpiece if wordpiece else train_bpe)(texts, vocab_size, out)
+    return out
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str | os.PathLike) -> Path:
     """Train a byte-level BPE on `texts` and save it (atomically) as an HF tokenizer directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

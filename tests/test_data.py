@@ -7,7 +7,8 @@ import itertools
 import numpy as np
 
 from bigtrain.config import load_config
-from bigtrain.data import BatchSchedule, TokenBlocks, pack, prepare, to_model_batch
+from bigtrain.data import BatchSchedule, TokenBlocks, prepare, to_model_batch
+from reference_packing import pack
 
 
 def classic_group_texts(docs: list[list[int]], eos: int, block: int) -> list[list[int]]:

@@ -45,7 +45,8 @@ def prepare(out: Path, overrides: list[str], tasks: int = 1) -> Path:
 
 def classic_blocks(tok_dir: Path, files: str, seq_len: int, sample_by: str, tmp: Path):
     """The blocks bigtrain made before datatrove: `datasets` text/JSON loading, `tokenize`, `pack`."""
-    from bigtrain.data import _flat_tokens, load_documents, pack, resolve_sources, tokenize
+    from bigtrain.data import _flat_tokens, load_documents, resolve_sources, tokenize
+    from reference_packing import pack
     from bigtrain.tokenizer import load_tokenizer, separator_id
 
     tok = load_tokenizer(tok_dir)
