@@ -125,7 +125,9 @@ class BaseTask:
 
 @dataclass
 class TrainState:
-    """Where training is, as the callbacks see it, and what they ask of the loop."""
+    """Where training is: the one object the trainer advances, saves with every checkpoint
+    (`saved()`, in trainer_state.json) and restores as a whole on a resume (`restore`); the
+    callbacks see it and make their requests through it."""
 
     step: int
     samples_seen: int
@@ -134,9 +136,19 @@ class TrainState:
     rank: int
     world_size: int
     last_eval: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # non-finite steps skipped so far, over every resume
     stop_reason: Optional[str] = None
     eval_requested: bool = False
     save_requested: bool = False
+
+    def saved(self) -> dict:
+        """What a checkpoint keeps of the state (the requests are this step's only)."""
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps, "last_eval": self.last_eval}
+
+    def restore(self, saved: dict) -> None:
+        """The state of a checkpoint (older ones lack skipped_steps and last_eval: 0 and none)."""
+        self.step, self.samples_seen = saved["step"], saved["samples_seen"]
+        self.skipped_steps, self.last_eval = saved.get("skipped_steps", 0), dict(saved.get("last_eval") or {})
 
     def request_stop(self, reason: str) -> None:
         """End training after this step (its evaluation and checkpoint, if due or requested)."""

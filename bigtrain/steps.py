@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
@@ -165,14 +166,15 @@ class HealthGuard:
     was applied. Step results wait on the device until `resolve` reads them all at once."""
 
     def __init__(self, world_size: int, on_nonfinite: str, max_in_row: int, sample_ids: Callable[[int], list],
-                 loss_scale_watch: Optional[LossScaleWatch] = None) -> None:
+                 loss_scale_watch: Optional[LossScaleWatch] = None, counts: Any = None) -> None:
         self.world_size = world_size
         self.on_nonfinite, self.max_in_row = on_nonfinite, max_in_row
         self.sample_ids = sample_ids
         self.loss_scale_watch = loss_scale_watch
         self.pending: list[StepResult] = []
         self.in_row = 0
-        self.skipped_total = 0
+        # Where the skipped steps are counted (the trainer's TrainState: saved and resumed with it).
+        self.counts = counts if counts is not None else SimpleNamespace(skipped_steps=0)
 
     def add(self, result: StepResult) -> None:
         """Keep a step's device-side result until `resolve`; fp16: ask the loss-scale watch now
@@ -238,7 +240,7 @@ class HealthGuard:
     def _skipped(self, result: StepResult, bad_ranks: list[int], verdict: Verdict) -> None:
         step = result.step
         self.in_row += 1
-        self.skipped_total += 1
+        self.counts.skipped_steps += 1
         ids = self.sample_ids(result.position)
         record = {"step": step, "skipped_step": True, "sample_ids": ids}
         if bad_ranks:

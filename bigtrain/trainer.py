@@ -158,14 +158,14 @@ class Trainer:
         # Ranks of one tensor- or sequence-parallel group hold the same samples: the schedule is
         # keyed by the data-parallel rank (bigtrain/parallel.py).
         self.schedule = self.task.schedule(self.global_batch, cfg.train.micro_batch_size, self.layout.dp, self.layout.dp_rank, cfg.train.seed)
-        self.step, self.samples_seen = 0, 0
+        self.run_state = TrainState(0, 0, cfg.train.max_steps, self.output_dir, self.env.rank, self.env.world_size)
         if self.checkpointer.resume_from is not None:
             self._restore(trust_checkpoint)
         self.profiler = self._profiler()
         self.runner = StepRunner(self.engine, self.device, self.callbacks, named_ranges=self.profiler is not None)
         watch = LossScaleWatch.for_engine(self.engine, self.ds_config) if self.precision == "fp16" else None
         self.guard = HealthGuard(self.env.world_size, cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps,
-                                 self.schedule.global_ids, watch)
+                                 self.schedule.global_ids, watch, counts=self.run_state)
         self.log = RunLog(self.output_dir, self.env.rank, resume_step=self.step if self.checkpointer.resume_from else None,
                           trackers=self._trackers(resume) if self.env.rank == 0 else None)
         if self.attn_fallback:
@@ -334,7 +334,7 @@ class Trainer:
     def _restore(self, trust: bool) -> None:
         ckpt = self.checkpointer.resume_from
         state = self.checkpointer.load(self.engine, self.load_universal, trust)
-        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.run_state.restore(state)
         if state.get("global_batch") != self.global_batch:
             raise UserError(
                 f"--resume: checkpoint {ckpt} was trained with global batch {state.get('global_batch')}, "
@@ -345,6 +345,23 @@ class Trainer:
             if key in saved:
                 cb.load_state_dict(saved[key])
         self.logger.info(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples seen)")
+
+    # The loop's position lives in the TrainState; these read and advance it.
+    @property
+    def step(self) -> int:
+        return self.run_state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.run_state.step = value
+
+    @property
+    def samples_seen(self) -> int:
+        return self.run_state.samples_seen
+
+    @samples_seen.setter
+    def samples_seen(self, value: int) -> None:
+        self.run_state.samples_seen = value
 
     def _stateful_callbacks(self) -> dict:
         """Callbacks whose state goes into each checkpoint (their `state_dict()` is not empty),
@@ -387,8 +404,7 @@ class Trainer:
         self.loader = loader
         self.meter.start(self.step, loader.wait_s)
         self._epochs = self.task.progress(self.samples_seen).get("source_epochs", {})
-        self.last_eval: dict = {}
-        self.run_state = TrainState(self.step, self.samples_seen, t.max_steps, self.output_dir, self.env.rank, self.env.world_size)
+        self.last_eval: dict = dict(self.run_state.last_eval)
         self._emit("on_train_start")
         outcome = self._loop(loader)
         if outcome.status != "completed":
@@ -439,7 +455,7 @@ class Trainer:
         """Logging, evaluation, checkpoints and stopping: the only place that reads the device."""
         t, step, state = self.cfg.train, self.step, self.run_state
         stopping = self.stop.poll()  # every rank, every step (a CPU collective: no device wait)
-        state.step, state.samples_seen, state.eval_requested, state.save_requested = step, self.samples_seen, False, False
+        state.eval_requested = state.save_requested = False
         self._emit("on_step_end", result)
         if state.stop_reason and not (state.eval_requested or state.save_requested):
             return Outcome("stopped", state.stop_reason, last_eval=self.last_eval)  # at once: no evaluation, no checkpoint
@@ -460,7 +476,6 @@ class Trainer:
         if eval_now:
             evaluation = self.evaluate()
             improved = self.checkpointer.is_best(evaluation.record, evaluation.report)
-            state.last_eval = self.last_eval
             self._emit("on_eval", evaluation)
         if save_now or improved or stopping or state.save_requested:
             ckpt = self.save()
@@ -548,7 +563,7 @@ class Trainer:
 
     def _step_numbers(self) -> dict:
         """The last step's gradient norm (and loss scale in fp16), the skipped steps so far."""
-        out = {"skipped_steps": self.guard.skipped_total}
+        out = {"skipped_steps": self.run_state.skipped_steps}
         norm = self.engine.get_global_grad_norm()
         if norm is None and self.runner.skip is not None:
             norm = self.runner.skip.grad_norm
@@ -563,10 +578,9 @@ class Trainer:
     @property
     def state(self) -> dict:
         return {
-            "step": self.step,
+            **self.run_state.saved(),
             # What the export and `bigtrain eval` build: a user's task trains one of the built-in models.
             "task": self.task.model_task if is_reference(self.cfg.task) else self.cfg.task,
-            "samples_seen": self.samples_seen,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "global_batch": self.global_batch,
             "world_size": self.env.world_size,
@@ -589,7 +603,7 @@ class Trainer:
         evaluation = self.task.evaluate(self.forward, self.comm)
         self.engine.train()
         if evaluation.record:
-            self.last_eval = {"step": self.step, **evaluation.record}
+            self.last_eval = self.run_state.last_eval = {"step": self.step, **evaluation.record}
             self.log.record(self.last_eval)
             self.logger.info(f"step {self.step}: {evaluation.line}")
         return evaluation

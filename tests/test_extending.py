@@ -148,3 +148,20 @@ def test_bigtrain_eval_runs_a_users_task_on_the_export(reverse_run, cli, tmp_pat
     logged = next(x for x in records(out) if x.get("step") == 50 and "eval_reverse_accuracy" in x)
     assert got["eval_reverse_accuracy"] == logged["eval_reverse_accuracy"], (got, logged)
     assert abs(got["eval_loss"] - logged["eval_loss"]) <= 1e-6 * logged["eval_loss"], (got, logged)
+
+
+def test_the_train_state_is_saved_and_restored_as_a_whole(reverse_run):
+    """What every checkpoint keeps of the TrainState, back into a fresh state; a checkpoint from
+    before skipped_steps and last_eval were kept restores with none skipped and no evaluation."""
+    from bigtrain.api import TrainState
+
+    _, out, _ = reverse_run
+    saved = json.loads((out / "checkpoints" / "step_00000050" / "trainer_state.json").read_text())
+    assert saved["step"] == 50 and saved["samples_seen"] == 50 * 32 and saved["skipped_steps"] == 0
+    assert saved["last_eval"]["step"] == 50 and "eval_reverse_accuracy" in saved["last_eval"]
+    fresh = TrainState(0, 0, 100, out, 0, 1)
+    fresh.restore(saved)
+    assert fresh.saved() == {k: saved[k] for k in ("step", "samples_seen", "skipped_steps", "last_eval")}
+    old = TrainState(0, 0, 100, out, 0, 1)
+    old.restore({"step": 7, "samples_seen": 28})
+    assert (old.step, old.samples_seen, old.skipped_steps, old.last_eval) == (7, 28, 0, {})

@@ -161,6 +161,8 @@ def test_nonfinite_losses_are_skipped_named_and_stop_with_a_checkpoint(cli, corp
     assert sorted(losses(out)) == [1, 2, 4]  # skipped steps have no loss; nothing after the stop
     ckpts = out / "checkpoints"
     assert not (ckpts / "step_00000008").exists()
+    # The count of skipped steps is part of the state each checkpoint keeps (a resume goes on from it).
+    assert [json.loads((ckpts / f"step_0000000{s}" / "trainer_state.json").read_text())["skipped_steps"] for s in (2, 3, 5, 7)] == [0, 1, 2, 4]
     # Skipped steps never touched the weights: the checkpoint at the stop holds step 4's weights.
     w4, w7 = module_weights(ckpts / "step_00000004"), module_weights(ckpts / "step_00000007")
     w2 = module_weights(ckpts / "step_00000002")
