@@ -29,7 +29,7 @@ from bigtrain.plugins import is_reference, load_object
 from bigtrain.pretrained import check_pretrained_dir
 from bigtrain.trackers import check_report_to
 
-TASKS = ("clm", "mlm", "classify", "token_classify", "sft")
+TASKS = ("clm", "mlm", "classify", "token_classify", "sft")  # their classes: tasks.BUILTIN_TASKS
 LABELED_TASKS = ("classify", "token_classify")
 LABELED_FORMATS = ("tsv", "csv", "jsonl", "conll")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -522,16 +522,19 @@ class LabeledTask:
         return Evaluation(record, f"validation loss {record['eval_loss']:.4f}, accuracy {record['eval_accuracy']:.4f}, f1 {record['eval_f1']:.4f}", report)
 
 
+# The built-in tasks by name, as the same kind of reference a config gives for a user's task
+# (bigtrain/plugins.py): one way to find a task's class, whoever wrote it.
+BUILTIN_TASKS = {"clm": "bigtrain.tasks:LMTask", "mlm": "bigtrain.tasks:LMTask", "classify": "bigtrain.tasks:LabeledTask",
+                 "token_classify": "bigtrain.tasks:LabeledTask", "sft": "bigtrain.chat:SFTTask"}
+
+
 def build_task(cfg):
-    """The task object for cfg.task: a built-in one, or a user's class (`module:Class`, with
-    its Options built from task_options; bigtrain/api.py)."""
-    from bigtrain.config import LABELED_TASKS, custom_task_options, is_reference, task_class
+    """The task object for cfg.task: a built-in one by name, or a user's class (`module:Class`,
+    with its Options built from task_options; bigtrain/api.py)."""
+    from bigtrain.config import custom_task_options, is_reference, task_class, where_of
+    from bigtrain.plugins import load_object
 
     if is_reference(cfg.task):
         cls, options = task_class(cfg), custom_task_options(cfg)
         return cls(cfg) if options is None else cls(cfg, options)
-    if cfg.task == "sft":
-        from bigtrain.chat import SFTTask
-
-        return SFTTask(cfg)
-    return LabeledTask(cfg) if cfg.task in LABELED_TASKS else LMTask(cfg)
+    return load_object(BUILTIN_TASKS[cfg.task], where_of(cfg, "task"))(cfg)

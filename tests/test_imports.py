@@ -88,3 +88,20 @@ def test_bigtrain_has_no_import_cycle():
     assert len(graph) > 40 and any(graph.values())
     found = cycles(graph)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_every_built_in_task_names_a_class_that_keeps_the_task_contract():
+    """The registry's references load, and each built task has every member of bigtrain.api.Task
+    (on its class, or set by its constructor; tokenizer_dir is a property that answers only after
+    `prepare`, so isinstance against the protocol cannot be asked before)."""
+    from bigtrain.api import Task
+    from bigtrain.config import TASKS, load_config
+    from bigtrain.tasks import BUILTIN_TASKS, build_task
+
+    members = [m for m in dir(Task) if not m.startswith("_")] + list(Task.__annotations__)
+    assert "evaluate" in members and "model_task" in members and "tokenizer_dir" in members
+    assert sorted(BUILTIN_TASKS) == sorted(TASKS)
+    for name in TASKS:
+        task = build_task(load_config(None, [f"task={name}"]))
+        missing = [m for m in members if not (hasattr(type(task), m) or m in vars(task))]
+        assert not missing and task.model_task in ("clm", "mlm", "classify", "token_classify"), (name, missing)
