@@ -9,6 +9,7 @@ value came from: `file.yaml:LINE (key)` or `override key=value`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -237,6 +238,18 @@ class EvalConfig:
 
 
 @dataclass
+class ConfigOrigin:
+    """Where a loaded Config came from, and what is parsed from it once: not configuration (never
+    dumped, never read from YAML). `where_of(key)` names the file:line or override that set a key;
+    `args` redo the config (the command-line arguments)."""
+
+    where_of: Callable[[str], str] = lambda key: "config"  # noqa: E731
+    args: list = field(default_factory=list)
+    user_ds_config: Optional[dict] = None  # deepspeed.config, parsed
+    source_specs: Optional[list] = None  # data.sources / train_files, checked
+
+
+@dataclass
 class Config:
     # A built-in task (TASKS) or a user's class: `module.path:Class` or `path/to/file.py:Class`
     # (bigtrain/api.py, docs/extending.md), with its own options in task_options.
@@ -248,9 +261,16 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Not configuration: where it came from (load_config sets it; see ConfigOrigin).
+    origin: ConfigOrigin = field(default_factory=ConfigOrigin, repr=False, compare=False, metadata={"internal": True})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The configuration (config.yaml, trackers), without its origin."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
 
 
 # --------------------------------------------------------------------------- loading
@@ -490,7 +510,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
 def _build(cls: type, raw: dict, prefix: str, where_of) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key, value in raw.items():
         dotted = prefix + str(key)
         if key not in known:
@@ -806,14 +826,12 @@ def load_config(path: Optional[str], overrides: list[str]) -> Config:
 
     cfg = _build(Config, raw, "", where_of)
     validate(cfg, where_of)
-    cfg._where_of = where_of  # type: ignore[attr-defined]
-    cfg._args = ([path] if path else []) + list(overrides)  # type: ignore[attr-defined]  # to print a command that redoes this config
+    cfg.origin = ConfigOrigin(where_of, ([path] if path else []) + list(overrides))
     return cfg
 
 
 def where_of(cfg: Config, key: str) -> str:
-    fn = getattr(cfg, "_where_of", None)
-    return fn(key) if fn else "config"
+    return cfg.origin.where_of(key)
 
 
 where_of_cfg = where_of  # for functions whose `where_of` parameter hides this one
@@ -829,6 +847,8 @@ def config_keys_doc() -> list[tuple[str, Any]]:
 
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
             v = getattr(obj, f.name)
             if dataclasses.is_dataclass(v):
                 walk(v, prefix + f.name + ".")
@@ -846,12 +866,10 @@ def cache_root(cfg: Config) -> Path:
 
 def user_ds_config(cfg: Config, where: Optional[Callable[[str], str]] = None) -> dict:
     """The user's own ds_config (`deepspeed.config`), parsed once per Config and kept on it."""
-    cached = cfg.__dict__.get("_user_ds_config")
-    if cached is None:
+    if cfg.origin.user_ds_config is None:
         locate = where or (lambda key: where_of(cfg, key))
-        cached = load_user_ds_config(cfg.deepspeed.config, locate("deepspeed.config"))
-        cfg.__dict__["_user_ds_config"] = cached
-    return cached
+        cfg.origin.user_ds_config = load_user_ds_config(cfg.deepspeed.config, locate("deepspeed.config"))
+    return cfg.origin.user_ds_config
 
 
 def decide_precision(cfg: Config, on_cpu: Optional[bool], where: Optional[Callable[[str], str]] = None) -> Optional[str]:
@@ -905,9 +923,8 @@ _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def source_specs(cfg: Config, where_of=None) -> list[SourceSpec]:
     """The training sources, checked once per Config (kept on it). Errors name the entry."""
-    cached = cfg.__dict__.get("_source_specs")
-    if cached is not None:
-        return cached
+    if cfg.origin.source_specs is not None:
+        return cfg.origin.source_specs
     where_of = where_of or (lambda key: globals()["where_of"](cfg, key))
     d = cfg.data
     if d.sources is None:
@@ -920,7 +937,7 @@ def source_specs(cfg: Config, where_of=None) -> list[SourceSpec]:
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
             raise UserError(f"{where_of('data.sources')}: data.sources: source name '{dup}' appears more than once")
-    cfg.__dict__["_source_specs"] = specs
+    cfg.origin.source_specs = specs
     return specs
 
 

@@ -125,7 +125,7 @@ def cached_dir(cfg, plan: dict) -> Path:
 
 def prepare_command(cfg) -> str:
     """The `bigtrain data prepare` command line for this config (as the user gave it)."""
-    args = getattr(cfg, "_args", None)
+    args = cfg.origin.args
     return "bigtrain data prepare " + (shlex.join(args) if args else "CONFIG.yaml")
 
 

@@ -145,7 +145,7 @@ def _lm_evaluator(task: str, cfg, files: list, model_dir: str, tokenizer, log) -
     cfg.data.tokenizer = str(model_dir)
     cfg.data.train_files, cfg.data.sources, cfg.data.prepared = list(files), None, None
     cfg.data.valid_files = None
-    cfg.__dict__.pop("_source_specs", None)
+    cfg.origin.source_specs = None  # the sources changed: checked again
     if cfg.data.mode == "line_by_line":
         from bigtrain.data import TokenBlocks, prepare
 
