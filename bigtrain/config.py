@@ -400,6 +400,8 @@ _FREE_FORM = {"model.config", "deepspeed.config"}
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
         name = prefix + f.name
         keys.append(name)
         if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type in _SECTIONS):
