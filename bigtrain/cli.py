@@ -188,7 +188,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.stop_grace is not None and not ns.stop_grace > 0:
             raise UserError(f"--stop-grace must be > 0 seconds, got {ns.stop_grace}")
         # Check everything that can be checked before starting ranks, and tokenize once here.
-        from bigtrain.engine import build_ds_config, setup_accelerator
+        from bigtrain.engine import build_ds_config
+        from bigtrain.process import setup_accelerator
         from bigtrain.parallel import check_model_before_launch
         from bigtrain.tasks import build_task
         from bigtrain.trainer import check_output_dir
@@ -207,7 +208,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         if ns.trust_checkpoint:
             argv.append("--trust-checkpoint")
         return relaunch(ns.nproc, argv, stop_grace=ns.stop_grace)
-    from bigtrain.engine import leave
+    from bigtrain.process import leave
     from bigtrain.trainer import run_training
 
     leave(run_training(cfg, ns.resume, ns.overwrite, ns.trust_checkpoint))
@@ -227,7 +228,7 @@ def parse_size(text: str, what: str) -> int:
 
 def cmd_eval(ns: argparse.Namespace) -> int:
     from bigtrain.config import load_config
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
 
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
@@ -241,7 +242,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {ns.batch_size}")
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
 
     setup_accelerator()
     from bigtrain.inference import predict_file
@@ -250,7 +251,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
 
 def cmd_export(ns: argparse.Namespace) -> int:
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
 
     setup_accelerator()
     from bigtrain.export import export
@@ -262,7 +263,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
     from bigtrain.generate import generate
 
     setup_accelerator()
@@ -322,7 +323,7 @@ def cmd_data_plan(ns: argparse.Namespace) -> int:
 
 def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
     from bigtrain.data import check_sources, iter_document_texts, resolve_sources
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
     from bigtrain.tokenizer import train_bpe
 
     setup_accelerator()
@@ -379,7 +380,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return cmd_eval(ns)
     if ns.verb == "chat":
         from bigtrain.chat import chat_loop
-        from bigtrain.engine import setup_accelerator
+        from bigtrain.process import setup_accelerator
 
         setup_accelerator()
         return chat_loop(ns.model_dir, ns.system, ns.max_new_tokens, sys.stdin, sys.stdout)

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 
-from bigtrain.engine import free_port, has_cuda
+from bigtrain.process import free_port, has_cuda
 
 TERM_AFTER = 10.0
 GRACE_SECONDS = 60.0

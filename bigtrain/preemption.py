@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Optional
 
-from bigtrain.engine import release_shm_buffers
+from bigtrain.process import release_shm_buffers
 
 # Exit code of a rank whose peer was lost (killed, crashed, or stuck past the collective timeout).
 RANK_LOST_EXIT_CODE = 4

@@ -37,9 +37,9 @@ from bigtrain.checkpoint import BYTES_PER_PARAMETER, CheckpointWriteError, check
 from bigtrain.checkpointer import Checkpointer
 from bigtrain.config import LABELED_TASKS, Config, check_batch, dump_yaml, where_of
 from bigtrain.plugins import is_reference
+from bigtrain.process import dist_env, init_distributed, release_shm_buffers, setup_accelerator
 from bigtrain.data import Prefetcher
-from bigtrain.engine import (LossScaleWatch, build_ds_config, compile_engine, compile_summary, dist_env, init_distributed, initialize, precision_of,
-                             release_shm_buffers, setup_accelerator)
+from bigtrain.engine import LossScaleWatch, build_ds_config, compile_engine, compile_summary, initialize, precision_of
 from bigtrain.errors import UserError
 from bigtrain.flops import device_peak_flops, flops_per_token
 from bigtrain.lora import count_trainable, lora_settings

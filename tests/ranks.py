@@ -21,7 +21,7 @@ RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "
 
 
 def free_port() -> int:
-    from bigtrain.engine import free_port as bigtrain_free_port  # below the ephemeral range: see there
+    from bigtrain.process import free_port as bigtrain_free_port  # below the ephemeral range: see there
 
     return bigtrain_free_port()
 

@@ -26,7 +26,7 @@ SAVES = (("ckpts", 1, True, "split"), ("ckpts", 2, True, "split"), ("sizes", 1, 
 def worker(out: Path) -> int:
     """One rank: build the engine, record `_seal_file` calls, run SAVES, write rank{R}.json."""
     from bigtrain import checkpoint
-    from bigtrain.engine import init_distributed, release_shm_buffers, setup_accelerator
+    from bigtrain.process import init_distributed, release_shm_buffers, setup_accelerator
 
     init_distributed(setup_accelerator(), timeout_minutes=5)
     import torch.distributed as dist
@@ -58,7 +58,7 @@ def worker(out: Path) -> int:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> tuple[Path, list[list[list[str]]]]:
     """The saves' directory and, per rank, per save, the files that rank sealed."""
-    from bigtrain.engine import free_port
+    from bigtrain.process import free_port
 
     out = tmp_path_factory.mktemp("ckpt-scale")
     port = free_port()
@@ -298,7 +298,7 @@ def test_pruning_keeps_the_best_checkpoint(tmp_path):
 
 
 if __name__ == "__main__":
-    from bigtrain.engine import leave
+    from bigtrain.process import leave
 
     leave(worker(Path(sys.argv[1])))
 

@@ -51,7 +51,7 @@ def test_data_prepare_prints_cache_and_is_reused(cli, corpus):
 @pytest.mark.slow
 def test_torchrun_two_ranks_and_pretrained_start(cli, corpus, tmp_path, cache_dir):
     """torchrun sets RANK/WORLD_SIZE; bigtrain picks them up. Then fine-tune from the export."""
-    from bigtrain.engine import free_port
+    from bigtrain.process import free_port
 
     out = tmp_path / "tr"
     args = [f"data.train_files={corpus}", *SMALL, "deepspeed.zero_stage=1", "train.max_steps=6", "train.log_every=1", f"output_dir={out}"]

@@ -113,7 +113,7 @@ def test_resume_from_path_under_the_deepspeed_launcher(zero2_run, cache_dir, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(BIGTRAIN_CACHE=str(cache_dir), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    from bigtrain.engine import free_port
+    from bigtrain.process import free_port
 
     r = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "bigtrain", *args, "train.max_steps=20",
                         "--resume", str(out / "checkpoints" / "step_00000015")], capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=600)

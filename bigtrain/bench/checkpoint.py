@@ -147,7 +147,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("root")
     p.add_argument("out")
     a = p.parse_args(argv)
-    from bigtrain.engine import init_distributed, release_shm_buffers, setup_accelerator
+    from bigtrain.process import init_distributed, release_shm_buffers, setup_accelerator
 
     on_cpu = setup_accelerator()
     init_distributed(on_cpu, timeout_minutes=30)
@@ -177,7 +177,7 @@ def _check_args(ns: argparse.Namespace) -> None:
 
 
 def _start_ranks(ns: argparse.Namespace, root: Path, out: Path, logs: Path) -> list[subprocess.Popen]:
-    from bigtrain.engine import free_port
+    from bigtrain.process import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "bigtrain.bench.checkpoint", *map(str, (ns.layers, ns.hidden, ns.vocab, ns.rounds, ns.warmup)), str(root), str(out)]
@@ -292,6 +292,6 @@ def run(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from bigtrain.engine import leave
+    from bigtrain.process import leave
 
     leave(worker_main(sys.argv[1:]))

@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; prints a table, optionally writes JSON and a PNG. Returns an exit code."""
     _check_arguments(args)
     env = _child_env()  # before the settings below, which are for this process only
-    # The environment bigtrain's own verbs run in (bigtrain.engine.setup_accelerator).
+    # The environment bigtrain's own verbs run in (bigtrain.process.setup_accelerator).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

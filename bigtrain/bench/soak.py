@@ -172,7 +172,8 @@ def soak_config(args: list[str], steps: int, output_dir: Path):
 def _prepare(cfg, nproc: int) -> bool:
     """What `bigtrain train --nproc` checks before starting ranks, and the data tokenized once here."""
     from bigtrain.config import check_batch, where_of
-    from bigtrain.engine import build_ds_config, setup_accelerator
+    from bigtrain.engine import build_ds_config
+    from bigtrain.process import setup_accelerator
     from bigtrain.tasks import build_task
 
     on_cpu = setup_accelerator()
@@ -239,7 +240,7 @@ def _release_buffers(port: int) -> None:
 def soak(cfg, nproc: int, every: int, work: Path) -> dict:
     """Run the ranks; returns {wall_s, samples: [per rank], shm_left}."""
     from bigtrain.config import dump_yaml
-    from bigtrain.engine import free_port
+    from bigtrain.process import free_port
 
     before = set(os.listdir(SHM)) if SHM.is_dir() else set()
     (work / "config.yaml").write_text(dump_yaml(cfg))
@@ -405,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """`python -m bigtrain.bench.soak ...` (the options of `bigtrain bench soak`), or a rank: `--worker WORK`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"] and len(argv) == 2:
-        from bigtrain.engine import leave
+        from bigtrain.process import leave
 
         leave(worker_main(Path(argv[1])))
     try:

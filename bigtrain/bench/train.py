@@ -121,7 +121,7 @@ def run_hf(config_path: str, steps: int, warmup: int) -> dict:
     from transformers import Trainer
 
     from bigtrain.corpus import ShardData, ensure_prepared
-    from bigtrain.engine import dist_env, setup_accelerator
+    from bigtrain.process import dist_env, setup_accelerator
     from bigtrain.tokenizer import load_tokenizer
 
     cfg = _bench_config(config_path, steps, warmup)
@@ -328,7 +328,7 @@ def _setup(ns: argparse.Namespace) -> tuple[Any, Path, Path, bool]:
     Returns (config, its path, the work directory, on_cpu).
     """
     from bigtrain.config import dump_yaml, load_config, split_config_args
-    from bigtrain.engine import setup_accelerator
+    from bigtrain.process import setup_accelerator
 
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
@@ -402,6 +402,6 @@ def _compare_hf(result: dict, b: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    from bigtrain.engine import leave
+    from bigtrain.process import leave
 
     leave(worker_main(sys.argv[1:]))

@@ -16,7 +16,7 @@ from collections import Counter, defaultdict
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.engine import leave
+from bigtrain.process import leave
 from bigtrain.api import Callback
 from bigtrain.trainer import Trainer
 

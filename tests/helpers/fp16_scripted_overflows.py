@@ -11,7 +11,8 @@ usage: fp16_scripted_overflows.py INIT_SCALE MIN_SCALE HYSTERESIS OVERFLOW_STEPS
 import sys
 
 from bigtrain.config import load_config
-from bigtrain.engine import LossScaleWatch, leave
+from bigtrain.engine import LossScaleWatch
+from bigtrain.process import leave
 from bigtrain.errors import UserError
 from bigtrain.trainer import Trainer, run_trainer
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.engine import leave
+from bigtrain.process import leave
 from bigtrain.trainer import Trainer
 
 out, overrides = sys.argv[1], sys.argv[2:]

@@ -26,7 +26,7 @@ import deepspeed
 import torch
 
 from bigtrain.config import load_config
-from bigtrain.engine import leave
+from bigtrain.process import leave
 from bigtrain.trainer import Trainer
 
 out, overrides = sys.argv[1], sys.argv[2:]
