@@ -243,8 +243,10 @@ def render_html(run: Run) -> str:
     parts.append("<h2>Skipped steps</h2>" + (_table([(r["step"], _why(r), r.get("sample_ids", "")) for r in skips], ["step", "why", "sample ids"])
                                               if skips else "<p>none</p>"))
     if run.checkpoints:
-        parts.append("<h2>Checkpoints</h2>" + _table([(c["name"], c["step"], f"{c['bytes'] / 1e6:,.1f} MB", "best" if c["best"] else "")
-                                                       for c in run.checkpoints], ["checkpoint", "step", "size", ""]))
+        blocked = {x["checkpoint"]: x["checkpoint_blocking_s"] for x in run.records if "checkpoint_blocking_s" in x}
+        parts.append("<h2>Checkpoints</h2>" + _table([(c["name"], c["step"], f"{c['bytes'] / 1e6:,.1f} MB",
+                                                        f"{blocked[c['name']]:.2f} s" if c["name"] in blocked else "", "best" if c["best"] else "")
+                                                       for c in run.checkpoints], ["checkpoint", "step", "size", "training stood still", ""]))
     if run.eval_report:
         parts.append(f"<h2>Evaluation report (best checkpoint)</h2><pre>{esc(run.eval_report)}</pre>")
     if run.profile:

@@ -596,7 +596,14 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return self.checkpointer.save(self.engine, self.state, self.hf_config, self.tokenizer)
+        """A checkpoint of this step; metrics.jsonl records how long the loop stood still for it
+        (`checkpoint_blocking_s`: every rank's write, seal and commit: saves are synchronous)."""
+        import time
+
+        start = time.perf_counter()
+        ckpt = self.checkpointer.save(self.engine, self.state, self.hf_config, self.tokenizer)
+        self.log.record({"step": self.step, "checkpoint": ckpt.name, "checkpoint_blocking_s": round(time.perf_counter() - start, 4)})
+        return ckpt
 
     def evaluate(self) -> Evaluation:
         self.engine.eval()

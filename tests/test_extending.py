@@ -62,6 +62,9 @@ def test_early_stopping_ends_the_run_at_the_evaluation_that_did_not_improve(reve
     assert steps == list(range(1, 51)), steps  # stopped at the second evaluation, not at train.max_steps=100
     assert "stopping at step 50: early stopping: eval_loss has not improved" in r.stderr, r.stderr[-2000:]
     assert (out / "model" / "config.json").is_file()  # a run stopped on purpose is exported
+    # Each save records how long the loop stood still for it, under the checkpoint's name.
+    saves = [(x["step"], x["checkpoint"]) for x in records(out) if x.get("checkpoint_blocking_s", 0) > 0]
+    assert saves == [(25, "step_00000025"), (50, "step_00000050")], saves
 
 
 def test_every_event_reaches_a_callback_in_order(reverse_run):
