@@ -15,8 +15,6 @@ from typing import Any, Callable, Optional
 
 from bigtrain.config import Config, check_batch, decide_precision, user_ds_config, where_of
 from bigtrain.parallel import ds_config_entries
-from bigtrain.process import (  # noqa: F401 - the process side, long imported from here
-    DistEnv, dist_env, free_port, has_cuda, init_distributed, leave, release_shm_buffers, setup_accelerator)
 
 
 def template_name(stage: int, offload_optimizer: str, offload_param: str) -> str:

@@ -266,9 +266,10 @@ class Trainer:
             if chosen is not None and self._needs_universal(chosen):
                 if not trust:
                     check_pickles(chosen)  # the conversion unpickles the checkpoint's files
-                self.logger.info(f"layout changed ({describe_saved_layout(read_state(chosen))} -> {self.layout.describe()}): "
+                saved = read_state(chosen)
+                self.logger.info(f"layout changed ({describe_saved_layout(saved)} -> {self.layout.describe()}): "
                                  f"loading {chosen.name} as a universal checkpoint")
-                adapt_universal(to_universal(chosen), chosen, read_state(chosen).get("expert_parallel", 1), self.cfg.deepspeed.expert_parallel)
+                adapt_universal(to_universal(chosen), chosen, saved.get("expert_parallel", 1), self.cfg.deepspeed.expert_parallel)
         self.task.prepare(self.env.rank, False, self.logger.info)
         if self.env.rank == 0 and overwrite and self.checkpointer.resume_from is None:
             for name in RUN_MARKERS + OTHER_OUTPUTS:

@@ -144,7 +144,6 @@ def lora(name: str, path: Path) -> dict:
     return {"status": "ok", "diff": rel(got.detach(), want), "targets": targets}
 
 
-BACKEND = "aot_eager"
 CONVERSATION = [{"role": "user", "content": "increment x"}, {"role": "assistant", "content": "x += 1"},
                 {"role": "user", "content": "and decrement it"}, {"role": "assistant", "content": "x -= 1"}]
 
@@ -203,7 +202,7 @@ def compile_check(name: str, path: Path) -> dict:
     model.zero_grad()
     torch._dynamo.reset()
     counters.clear()
-    got = torch.compile(model, backend=BACKEND)(input_ids=ids, labels=labels).loss
+    got = torch.compile(model, backend="aot_eager")(input_ids=ids, labels=labels).loss
     got.backward()
     graphs, breaks = counters["stats"].get("unique_graphs", 0), sum(counters["graph_break"].values())
     diff = max(rel(got.detach(), want.detach()), worst(grads(model), want_g))
