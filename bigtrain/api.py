@@ -32,11 +32,11 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 # What a task's code builds on (stable names): an evaluation's result, how an evaluation reaches
 # the other ranks, the seeded and resumable order of sample ids that the built-in tasks use, and
 # the label that is not learned.
-from bigtrain.data import BatchSchedule
+from bigtrain.mixture import MixtureSchedule
 from bigtrain.evaluation import Comm, Evaluation
 from bigtrain.loss import IGNORE
 
-__all__ = ["Task", "BaseTask", "Schedule", "Callback", "TrainState", "Evaluation", "Comm", "BatchSchedule", "IGNORE", "MODEL_TASKS"]
+__all__ = ["Task", "BaseTask", "Schedule", "Callback", "TrainState", "Evaluation", "Comm", "MixtureSchedule", "IGNORE", "MODEL_TASKS"]
 
 # The models a task can train (bigtrain/models.py builds them): causal LM, masked LM, a sequence
 # classifier, a token classifier.

@@ -355,7 +355,7 @@ class SFTTask:
         pass
 
     def load(self, tokenizer) -> None:
-        from bigtrain.data import split_indices
+        from bigtrain.mixture import held_out
 
         d, p = self.cfg.data, self.prepared
         self.tokenizer = tokenizer
@@ -363,13 +363,11 @@ class SFTTask:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         train, self.counts = fit((encode(tokenizer, c, d.train_on) for c in p.train), d.seq_len, d.on_long)
-        order = split_indices(len(p.train), d.valid_fraction, self.cfg.train.seed, bool(p.valid))
-        held = set(order[1].tolist())
+        held = set() if p.valid else set(held_out(len(p.train), d.valid_fraction, self.cfg.train.seed).tolist())
         where_held = {p.train[i].where for i in held}
         self.valid_conversations = p.valid or [p.train[i] for i in sorted(held)]
         train = [e for e in train if e.where not in where_held]
         self.train_rows = self._rows(train)
-        self.train_indices = np.arange(len(self.train_rows.input_ids))
         self.n_train = len(train)
         self.load_validation(tokenizer, self.valid_conversations)
 
@@ -400,9 +398,10 @@ class SFTTask:
                 f"(data.train_on={self.cfg.data.train_on})" + (f"; {line}" if line else ""))
 
     def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
-        from bigtrain.data import BatchSchedule
+        from bigtrain.mixture import MixtureSchedule
 
-        return BatchSchedule(self.train_indices, global_batch, micro_batch, world_size, rank, seed)
+        # Conversations are held out before they become rows (load): every row trains.
+        return MixtureSchedule.single(len(self.train_rows.input_ids), global_batch, micro_batch, world_size, rank, seed)
 
     def progress(self, position: int) -> dict:  # noqa: ARG002
         return {}

@@ -279,12 +279,6 @@ def cmd_data_prepare(ns: argparse.Namespace) -> int:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     if cfg.task in ("classify", "token_classify"):
         raise UserError(f"bigtrain data prepare: task={cfg.task} reads its labeled files at the start of training (they are small); nothing to prepare")
-    if cfg.data.mode == "line_by_line":
-        from bigtrain.data import prepare
-
-        prepared = prepare(cfg, log=log)  # line_by_line and labeled data keep their own (small) cache
-        print(prepared.train_path)
-        return 0
     for flag, value in (("--workers", ns.workers), ("--tasks", ns.tasks), ("--nodes", ns.nodes), ("--cpus-per-task", ns.cpus_per_task)):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")

@@ -79,9 +79,10 @@ def source_jobs(cfg) -> list[SourceJob]:
     from bigtrain.config import source_specs
 
     d = cfg.data
-    jobs = [_job(s.name, "train", s.files, s.key, s.sample_by, s.text_field, s.weight) for s in source_specs(cfg)]
+    lines = d.mode == "line_by_line"  # one example per line, whatever data.sample_by says
+    jobs = [_job(s.name, "train", s.files, s.key, "line" if lines else s.sample_by, s.text_field, s.weight) for s in source_specs(cfg)]
     if d.valid_files:
-        jobs.append(_job("valid", "valid", d.valid_files, "data.valid_files", d.sample_by, d.text_field, 1.0))
+        jobs.append(_job("valid", "valid", d.valid_files, "data.valid_files", "line" if lines else d.sample_by, d.text_field, 1.0))
     return jobs
 
 
@@ -110,6 +111,9 @@ def preparation_plan(cfg, jobs: list[SourceJob]) -> dict:
         "on_decode_error": d.on_decode_error,
         "max_line_bytes": d.max_line_bytes,
         "tokenizer": tokenizer_plan(cfg),
+        # line_by_line examples: blank and whitespace-only lines are none (as transformers' old
+        # LineByLineTextDataset). Only then in the plan, so packed plans keep their keys.
+        **({"skip_blank": True} if d.mode == "line_by_line" else {}),
     }
 
 
@@ -192,12 +196,13 @@ class ShardData:
         self.where = where_of(cfg, key)
         self.ds = open_prepared(root, self.where)
         self.names, self.weights = self._sources(cfg)
-        check_fits(self.ds, self.names, cfg.data.seq_len, self.where)
+        lines = cfg.data.mode == "line_by_line"
+        check_fits(self.ds, self.names, cfg.data.seq_len, self.where, lines)
         self._check_tokenizer(cfg)
         self.seq_len, self.seed = cfg.data.seq_len, cfg.train.seed
         self.valid_fraction = cfg.data.valid_fraction
-        self.train = ShardBlocks([self.ds.sources[n] for n in self.names], cfg.data.seq_len)
-        self.valid = ShardBlocks([self.ds.valid], cfg.data.seq_len) if self.ds.valid is not None else self.train
+        self.train = ShardBlocks([self.ds.sources[n] for n in self.names], cfg.data.seq_len, lines)
+        self.valid = ShardBlocks([self.ds.valid], cfg.data.seq_len, lines) if self.ds.valid is not None else self.train
         self.tokenizer_dir, self.vocab_size = self.ds.tokenizer_dir, self.ds.vocab_size
         # The hold-out blocks depend on the seed and the block counts only, not on the batch.
         self.valid_ids = np.arange(len(self.valid)) if self.ds.valid is not None else self.schedule(1, 1, 1, 0, self.seed).valid_ids()

@@ -1,30 +1,21 @@
-"""Data: find files, the line-by-line cache, the batch schedule of one index set, prefetching.
+"""Data: find files, turn model inputs into tensors, prefetch.
 
 1. `resolve_sources` turns `data.train_files` (files, directories, globs, "@stdlib", or a
-   `datasets` directory) into a list of `Source`s. Packed clm/mlm data is then tokenized by
-   `bigtrain data prepare` (bigtrain/prepare.py, datatrove) into token shards that training
-   reads by memory map (bigtrain/shards.py, bigtrain/corpus.py, docs/data.md).
-2. `prepare` (data.mode=line_by_line only) loads the files with `datasets`, tokenizes with a
-   batched multi-process `map` and keeps one padded example per line, saved with `save_to_disk`
-   under a key hashing the files' contents, the tokenizer and the settings. `pack` is bigtrain's
-   classic in-memory packing, kept as the reference the shard reader is tested against.
-3. `BatchSchedule` decides, from the seed alone, which examples make up global batch number k
-   (line_by_line and labeled data; packed data uses bigtrain.mixture): a fresh permutation each
-   epoch, cut into global batches, each split across data-parallel ranks and micro-steps. The
-   position is a count of samples, so resuming (at any world size with the same global batch)
-   continues exactly where the run stopped.
+   `datasets` directory) into a list of `Source`s (one input file each). `bigtrain data prepare`
+   (bigtrain/prepare.py, datatrove) tokenizes them into token shards that training reads by
+   memory map (bigtrain/shards.py, bigtrain/corpus.py, docs/data.md): packed blocks, or with
+   data.mode=line_by_line one padded example per line, from the same shards.
+2. bigtrain.mixture's `MixtureSchedule` decides which samples form each global batch, for every
+   task; `Prefetcher` builds the next steps' batches on a thread.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
 import json
 import os
-import shutil
 import sysconfig
-import tempfile
 import threading
 import time
 import queue
@@ -37,7 +28,6 @@ import numpy as np
 from bigtrain import faults
 from bigtrain.errors import UserError
 
-CACHE_FORMAT = 2  # bump when the cached layout changes
 TEXT_EXTENSIONS = {".txt", ".text", ".md", ".py", ".rst", ".csv", ".tsv", ".c", ".h", ".js", ".html"}
 JSON_EXTENSIONS = {".jsonl", ".json"}
 
@@ -218,62 +208,6 @@ def check_sources(sources: list[Source], key: str, on_decode_error: str, text_fi
     return h.hexdigest(), replaced
 
 
-# --------------------------------------------------------------------------- loading with datasets
-
-
-def _json_texts(files: list[str], text_field: str, errors: str, content_hash: str):
-    """The `text_field` of every record of JSON-lines `files` (already checked by check_sources).
-
-    Read here rather than with the `datasets` JSON builder: that one infers an Arrow type for
-    every column, and a column bigtrain never reads (say "meta": "" on one line, [] on the next)
-    made it fail with a bare `ValueError: Expected object or value`. `content_hash` is unused: it
-    is in the arguments so that the `datasets` cache key changes with the files' contents.
-    """
-    del content_hash
-    for f in files:
-        for line in Path(f).read_bytes().decode("utf-8", errors=errors).split("\n"):
-            if line.strip():
-                yield {"text": json.loads(line)[text_field]}
-
-
-def load_documents(sources: list[Source], sample_by: str, text_field: str, on_decode_error: str, cache_dir: Path, content_hash: Optional[str] = None):
-    """One `datasets.Dataset` with a single 'text' column, one row per document."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    parts = []
-    text_files = [str(s.path) for s in sources if s.kind == "text"]
-    json_files = [str(s.path) for s in sources if s.kind == "json"]
-    errors = "replace" if on_decode_error == "replace" else "strict"
-    hf_cache = str(cache_dir / "hf")
-    if text_files:
-        ds = datasets.load_dataset(
-            "text", data_files=text_files, sample_by=sample_by, encoding_errors=errors, split="train", cache_dir=hf_cache
-        )
-        parts.append(ds)
-    if json_files:
-        if content_hash is None:
-            content_hash = hashlib.sha256(b"".join(hashlib.sha256(Path(f).read_bytes()).digest() for f in json_files)).hexdigest()
-        ds = datasets.Dataset.from_generator(
-            _json_texts, features=datasets.Features({"text": datasets.Value("string")}), cache_dir=hf_cache,
-            gen_kwargs={"files": json_files, "text_field": text_field, "errors": errors, "content_hash": content_hash},
-        )
-        parts.append(ds)
-    for s in sources:
-        if s.kind == "arrow":
-            ds = datasets.load_from_disk(str(s.path))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise UserError(f"{s.path}: saved DatasetDict has no 'train' split (has {', '.join(ds)})")
-                ds = ds["train"]
-            if text_field not in ds.column_names:
-                raise UserError(f"{s.path}: dataset has no '{text_field}' column (data.text_field); columns: {', '.join(ds.column_names)}")
-            parts.append(ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" else ds.select_columns(["text"]))
-    if len(parts) == 1:
-        return parts[0]
-    return datasets.concatenate_datasets(parts)
-
-
 def iter_document_texts(sources: list[Source], text_field: str, on_decode_error: str) -> Iterator[str]:
     """Documents as strings, for tokenizer training (no datasets cache needed)."""
     errors = "replace" if on_decode_error == "replace" else "strict"
@@ -329,213 +263,16 @@ def long_pieces(text: str, group: int = 4) -> Iterator[list[str]]:
             pieces = []
 
 
-def _encode_long(tokenizer, text: str) -> np.ndarray:
-    """Token ids of one long document with a transformers tokenizer, piece by piece (long_pieces)."""
-    parts = [np.asarray(ids, np.int32) for group in long_pieces(text) for ids in tokenizer(group, add_special_tokens=False)["input_ids"]]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-
-def tokenize(docs, tokenizer, num_proc: Optional[int]):
-    def fn(batch):
-        # The Arrow column is built from numpy: several times faster than `datasets` converting
-        # Python lists of ints (measured by `bigtrain bench data`).
-        import pyarrow as pa
-
-        texts = batch["text"]
-        long = [len(t) > DOC_PIECE_CHARS for t in texts]
-        if not any(long):
-            ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        else:  # a few long documents among short ones: those go piece by piece
-            short_texts = [t for t, is_long in zip(texts, long) if not is_long]
-            short = iter(tokenizer(short_texts, add_special_tokens=False)["input_ids"] if short_texts else [])
-            ids = [_encode_long(tokenizer, t) if is_long else np.asarray(next(short), np.int32) for t, is_long in zip(texts, long)]
-        offsets = np.zeros(len(ids) + 1, np.int64)
-        np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=offsets[1:])
-        if any(long):
-            values = np.concatenate(ids) if ids else np.zeros(0, np.int32)
-        else:
-            values = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(offsets[-1]))
-        return pa.table({"input_ids": pa.LargeListArray.from_arrays(offsets, values)})
-
-    n = num_proc or min(os.cpu_count() or 1, 8)
-    # Worker processes only pay off for many documents; a handful is faster in-process.
-    n = max(1, min(n, len(docs) // 64))
-    return docs.map(fn, batched=True, batch_size=256, num_proc=n if n > 1 else None, remove_columns=docs.column_names)
-
-
-def _flat_tokens(tok_ds) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated token ids and per-document lengths, straight from Arrow (no Python lists)."""
-    import pyarrow as pa
-
-    col = tok_ds.data.column("input_ids")
-    values, lengths = [], []
-    for chunk in col.chunks:
-        values.append(chunk.flatten().to_numpy(zero_copy_only=False))
-        lengths.append(pa.compute.list_value_length(chunk).to_numpy(zero_copy_only=False))
-    if not values:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(values).astype(np.int64), np.concatenate(lengths).astype(np.int64)
-
-
-def line_examples(flat: np.ndarray, lengths: np.ndarray, pad_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """One example per non-empty line, truncated to seq_len and right-padded; returns (ids, lengths)."""
-    keep = lengths > 0
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    starts, lens = offsets[:-1][keep], np.minimum(lengths[keep], seq_len)
-    ids = np.full((len(starts), seq_len), pad_id, dtype=np.int32)
-    for i, (s, n) in enumerate(zip(starts, lens)):
-        ids[i, :n] = flat[s : s + n]
-    return ids, lens.astype(np.int32)
-
-
-# --------------------------------------------------------------------------- the cached dataset
-
-
-class TokenBlocks:
-    """Memory-mapped packed (or line-by-line) examples: `take(indices)` gives numpy arrays."""
-
-    def __init__(self, path: Path) -> None:
-        import datasets
-
-        self.path = path
-        self.meta = json.loads((path / "bigtrain_meta.json").read_text())
-        ds = datasets.load_from_disk(str(path))
-        self._chunks = []
-        for chunk in ds.data.column("input_ids").chunks:
-            self._chunks.append(chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), -1))
-        self._extra = []
-        extra_col = "segment_ids" if self.meta["mode"] == "packed" else "length"
-        for chunk in ds.data.column(extra_col).chunks:
-            arr = chunk.flatten() if self.meta["mode"] == "packed" else chunk
-            arr = arr.to_numpy(zero_copy_only=False)
-            self._extra.append(arr.reshape(len(chunk), -1) if self.meta["mode"] == "packed" else arr)
-        self._bounds = np.cumsum([0] + [len(c) for c in self._chunks])
-        self.seq_len = int(self.meta["seq_len"])
-        self.mode = self.meta["mode"]
-
-    def __len__(self) -> int:
-        return int(self._bounds[-1])
-
-    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        which = np.searchsorted(self._bounds, indices, side="right") - 1
-        ids = np.stack([self._chunks[c][i - self._bounds[c]] for c, i in zip(which, indices)]) if len(indices) else np.zeros((0, self.seq_len), np.int32)
-        extra = [self._extra[c][i - self._bounds[c]] for c, i in zip(which, indices)]
-        out = {"input_ids": ids.astype(np.int64)}
-        if self.mode == "packed":
-            out["segment_ids"] = np.stack(extra).astype(np.int64)
-        else:
-            out["length"] = np.asarray(extra, dtype=np.int64)
-        return out
-
-
-def cache_key(content_hash: str, tokenizer_hash: str, cfg_data) -> str:
-    parts = [CACHE_FORMAT, content_hash, tokenizer_hash, cfg_data.seq_len, cfg_data.mode, cfg_data.sample_by, cfg_data.text_field, cfg_data.on_decode_error]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-
-
-def build_blocks(sources, cfg_data, tokenizer, tok_hash: str, content_hash: str, cache: Path, log=print) -> Path:
-    """line_by_line: tokenize `sources` into one padded example per line unless a cached copy
-    exists; returns the cache directory. (Packed data goes through bigtrain.prepare.)"""
-    import datasets
-    import pyarrow as pa
-
-    key = cache_key(content_hash, tok_hash, cfg_data)
-    out = cache / "packed" / key
-    if (out / "bigtrain_meta.json").is_file():
-        return out
-    docs = load_documents(sources, "line", cfg_data.text_field, cfg_data.on_decode_error, cache, content_hash)
-    # As transformers' old LineByLineTextDataset: blank and whitespace-only lines are no examples.
-    docs = docs.filter(lambda b: [bool(t.strip()) for t in b["text"]], batched=True, batch_size=4096)
-    log(f"tokenizing {len(docs)} documents ...")
-    tok_ds = tokenize(docs, tokenizer, cfg_data.num_proc)
-    flat, lengths = _flat_tokens(tok_ds)
-    seq = cfg_data.seq_len
-    ids, lens = line_examples(flat, lengths, tokenizer.pad_token_id, seq)
-    table = pa.table({"input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), seq), "length": pa.array(lens)})
-    if len(ids) == 0:
-        raise UserError(
-            f"data.train_files: {int(lengths.sum())} tokens are too few for one block of data.seq_len={seq}; "
-            "add data or lower data.seq_len"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=out.parent))
-    datasets.Dataset(table).save_to_disk(str(tmp))
-    meta = {
-        "format": CACHE_FORMAT, "mode": cfg_data.mode, "seq_len": seq, "examples": int(len(ids)),
-        "tokens": int(flat.size + (lengths > 0).sum()), "documents": int((lengths > 0).sum()),
-        "files": len(sources),
-    }
-    (tmp / "bigtrain_meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():  # another process finished first with the same content
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
-
-
-# --------------------------------------------------------------------------- order of batches
-
-
-@dataclass
-class BatchSchedule:
-    """Which examples form each micro-batch of each rank, from the seed alone.
-
-    Epoch e visits `indices` in the order of a permutation seeded by (seed, e). Global batch k
-    takes the next `global_batch` samples of that stream; within it, micro-step m of rank r
-    takes samples [(m * world + r) * micro, ... + micro). `position` counts samples consumed,
-    so it is the same number on every rank and at every world size.
-    """
-
-    indices: np.ndarray
-    global_batch: int
-    micro_batch: int
-    world_size: int
-    rank: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        if len(self.indices) < self.global_batch:
-            raise UserError(
-                f"data: {len(self.indices)} training examples are fewer than one global batch of {self.global_batch} "
-                "(train.micro_batch_size x train.grad_accum x world size); add data or lower the batch"
-            )
-        self.per_epoch = (len(self.indices) // self.global_batch) * self.global_batch
-        self._perm_epoch = -1
-        self._perm = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = self.indices[rng.permutation(len(self.indices))]
-            self._perm_epoch = epoch
-        return self._perm
-
-    def global_ids(self, position: int) -> list[int]:
-        """Every sample id (over all ranks) of the global batch that starts at sample `position`."""
-        epoch, offset = divmod(position, self.per_epoch)
-        return [int(i) for i in self._order(epoch)[offset : offset + self.global_batch]]
-
-    def micro_batches(self, position: int) -> list[np.ndarray]:
-        """This rank's micro-batches for the global batch that starts at sample `position`."""
-        epoch, offset = divmod(position, self.per_epoch)
-        batch = self._order(epoch)[offset : offset + self.global_batch]
-        accum = self.global_batch // (self.micro_batch * self.world_size)
-        out = []
-        for m in range(accum):
-            start = (m * self.world_size + self.rank) * self.micro_batch
-            out.append(batch[start : start + self.micro_batch])
-        return out
-
-
 def to_model_batch(arrays: dict[str, np.ndarray], pad_id: int):
     """numpy arrays -> torch tensors: input_ids, labels (padding = -100), masks."""
     import torch
 
     ids = torch.from_numpy(arrays["input_ids"])
     batch = {"input_ids": ids}
-    if "length" in arrays:
+    if "length" in arrays:  # one example per row, padded: padding is no input and no target
         positions = torch.arange(ids.shape[1])
         mask = positions[None, :] < torch.from_numpy(arrays["length"])[:, None]
+        batch["input_ids"] = ids.masked_fill(~mask, pad_id)
         batch["attention_mask"] = mask.long()
         batch["labels"] = ids.masked_fill(~mask, -100)
     else:
@@ -552,7 +289,7 @@ class Prefetcher:
     into a dict of tensors.
     """
 
-    def __init__(self, make_batch: Callable[[np.ndarray, int], dict], schedule: BatchSchedule, position: int, depth: int = 2, pin: bool = False) -> None:
+    def __init__(self, make_batch: Callable[[np.ndarray, int], dict], schedule, position: int, depth: int = 2, pin: bool = False) -> None:
         self.make_batch, self.schedule, self.pin = make_batch, schedule, pin
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._position = position
@@ -594,13 +331,6 @@ class Prefetcher:
 # --------------------------------------------------------------------------- one entry point
 
 
-@dataclass
-class PreparedData:
-    tokenizer_dir: Path
-    train_path: Path
-    valid_path: Optional[Path]  # None: validation is split off the training blocks
-
-
 def resolve_tokenizer_dir(cfg) -> Optional[Path]:
     """data.tokenizer, else the tokenizer saved with model.from_pretrained, else None (train one)."""
     from bigtrain.tokenizer import load_tokenizer
@@ -613,46 +343,3 @@ def resolve_tokenizer_dir(cfg) -> Optional[Path]:
         load_tokenizer(src, where="model.from_pretrained")
         return Path(src)
     return None
-
-
-def prepare(cfg, log=print) -> PreparedData:
-    """Check the data, train or load the tokenizer, tokenize and pack (cached). Idempotent."""
-    from bigtrain.config import cache_root
-    from bigtrain.tokenizer import cached_tokenizer, load_tokenizer
-
-    d = cfg.data
-    if d.mode != "line_by_line":
-        raise ValueError("bigtrain.data.prepare is for data.mode=line_by_line; packed data goes through bigtrain.corpus.ensure_prepared")
-    cache = cache_root(cfg)
-    sources = resolve_sources(d.train_files, "data.train_files")
-    content_hash, replaced = check_sources(sources, "data.train_files", d.on_decode_error, d.text_field, d.max_line_bytes)
-    valid_sources, valid_hash = None, None
-    if d.valid_files:
-        valid_sources = resolve_sources(d.valid_files, "data.valid_files")
-        valid_hash, r2 = check_sources(valid_sources, "data.valid_files", d.on_decode_error, d.text_field, d.max_line_bytes)
-        replaced += r2
-    if replaced:
-        log(f"warning: replaced {replaced} undecodable byte(s) with U+FFFD (data.on_decode_error=replace)")
-
-    tok_dir = resolve_tokenizer_dir(cfg)
-    if tok_dir is None:
-        kind = "wordpiece-v1" if cfg.task == "mlm" else "bpe-v1"
-        tok_dir = cached_tokenizer(cache, [content_hash, d.vocab_size, d.text_field, kind], kind, d.vocab_size,
-                                   iter_document_texts(sources, d.text_field, d.on_decode_error), f"{len(sources)} file(s)", log)
-    tokenizer = load_tokenizer(tok_dir)
-    from bigtrain.shards import tokenizer_hash
-
-    tok_hash = tokenizer_hash(tok_dir)
-    train_path = build_blocks(sources, d, tokenizer, tok_hash, content_hash, cache, log)
-    valid_path = build_blocks(valid_sources, d, tokenizer, tok_hash, valid_hash, cache, log) if valid_sources else None
-    return PreparedData(tok_dir, train_path, valid_path)
-
-
-def split_indices(n: int, valid_fraction: float, seed: int, has_valid_files: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation example indices; without valid files, a seeded hold-out."""
-    all_idx = np.arange(n)
-    if has_valid_files or valid_fraction == 0 or n < 2:
-        return all_idx, np.zeros(0, np.int64)
-    n_valid = max(1, int(round(n * valid_fraction)))
-    perm = np.random.default_rng([seed, 7919]).permutation(n)
-    return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])

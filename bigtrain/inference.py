@@ -146,12 +146,7 @@ def _lm_evaluator(task: str, cfg, files: list, model_dir: str, tokenizer, log) -
     cfg.data.train_files, cfg.data.sources, cfg.data.prepared = list(files), None, None
     cfg.data.valid_files = None
     cfg.origin.source_specs = None  # the sources changed: checked again
-    if cfg.data.mode == "line_by_line":
-        from bigtrain.data import TokenBlocks, prepare
-
-        blocks = TokenBlocks(prepare(cfg, log=log).train_path)
-    else:
-        blocks = ShardData(cfg, ensure_prepared(cfg, log=log)).train
+    blocks = ShardData(cfg, ensure_prepared(cfg, log=log)).train
     n = min(len(blocks), cfg.train.eval_batches * cfg.train.micro_batch_size)
     evaluator = tasks.LMTask(cfg)
     evaluator.tokenizer, evaluator.valid_blocks, evaluator.valid_indices = tokenizer, blocks, np.arange(n)

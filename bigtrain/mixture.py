@@ -1,9 +1,11 @@
-"""Weighted data mixtures: which blocks of which source form each global batch, from the seed alone.
+"""The one data schedule: which samples of which source form each global batch, from the seed alone.
 
 Training on several sources (e.g. web 0.7, code 0.2, books 0.1) means deciding, for every global
 batch, how many samples each source gives and which of its blocks they are. `MixtureSchedule` does
-it as a pure function of (seed, position), like `bigtrain.data.BatchSchedule`: no history, so a run
-resumed at any world size sees exactly the same sample stream.
+it as a pure function of (seed, position): no history, so a run resumed at any world size sees
+exactly the same sample stream. Every task's data goes through it: packed blocks and
+line-by-line examples of prepared sources, labeled rows and chat rows are one source each
+(`MixtureSchedule.single`), and its hold-out rule (`held_out`) is the only one.
 
 Flat ids. Source s has blocks[s] blocks, numbered 0..blocks[s]-1 locally; flat id = base[s] + local
 id with base the cumulative sum of blocks, so one integer names a block of any source.
@@ -55,6 +57,8 @@ from bigtrain.errors import UserError
 # measurably non-uniform over keys, at 8 it is not; 8 x 8 bytes is also the largest BLAKE2b digest.
 ROUNDS = 8
 HOLDOUT_SALT = 7919  # key (seed, HOLDOUT_SALT, s) chooses source s's validation blocks
+# Saved in every checkpoint (trainer_state.json "data_order"): the stream a position counts in.
+DATA_ORDER = "mixture-v1"
 # Exact ranks multiply (2k+1) * c_s' <= 2N * N in int64: N <= 2**30 keeps that below 2**61.
 MAX_WINDOW = 1 << 30
 
@@ -137,6 +141,19 @@ def permute(n: int, key: tuple[int, ...], idx: np.ndarray) -> np.ndarray:
     return _permute_many(np.full(m, n), np.full(m, _half_bits(n)), keys, idx)
 
 
+def n_held_out(blocks: int, valid_fraction: float, valid_separate: bool = False) -> int:
+    """How many of a source's blocks validation holds out: max(1, round(blocks * fraction)),
+    none without a fraction, with separate validation files, or below 2 blocks."""
+    hold = valid_fraction > 0 and not valid_separate and blocks >= 2
+    return max(1, round(blocks * valid_fraction)) if hold else 0
+
+
+def held_out(blocks: int, valid_fraction: float, seed: int, source: int = 0) -> np.ndarray:
+    """Sorted local ids of the blocks source number `source` holds out (module docstring)."""
+    n = n_held_out(blocks, valid_fraction)
+    return np.sort(permute(blocks, (seed, HOLDOUT_SALT, source), np.arange(n))).astype(np.int64)
+
+
 # --------------------------------------------------------------------------- weights
 
 
@@ -196,12 +213,15 @@ class MixtureSchedule:
         self._blocks_h = np.array([_half_bits(b) for b in self.blocks], np.int64)
         self._holdout_keys = np.stack([_round_keys((self.seed, HOLDOUT_SALT, s)) for s in range(len(self.names))])
 
+    @classmethod
+    def single(cls, n: int, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int,
+               valid_fraction: float = 0.0, valid_separate: bool = False) -> "MixtureSchedule":
+        """The schedule of one source of n samples (ids 0..n-1): labeled rows, chat rows, a task's own examples."""
+        return cls(["train"], [n], [1.0], global_batch, micro_batch, world_size, rank, seed, valid_fraction, valid_separate)
+
     def _holdout(self, valid_fraction: float, valid_separate: bool) -> None:
         """n_valid (blocks held out per source) and train_blocks; UserError for a source left empty."""
-        self.n_valid = []
-        for b in self.blocks:
-            hold = valid_fraction > 0 and not valid_separate and b >= 2
-            self.n_valid.append(max(1, round(b * valid_fraction)) if hold else 0)
+        self.n_valid = [n_held_out(b, valid_fraction, valid_separate) for b in self.blocks]
         self.train_blocks = [b - v for b, v in zip(self.blocks, self.n_valid)]
         for name, b, v, t in zip(self.names, self.blocks, self.n_valid, self.train_blocks):
             if t < 1:

@@ -84,7 +84,8 @@ def read_documents(job: SourceJob, path: str, kind: str, settings: dict):
     from bigtrain.documents import documents
 
     try:
-        yield from documents(Path(path), kind, job.sample_by, job.text_field, settings["max_line_bytes"], settings["on_decode_error"])
+        docs = documents(Path(path), kind, job.sample_by, job.text_field, settings["max_line_bytes"], settings["on_decode_error"])
+        yield from (filter(str.strip, docs) if settings.get("skip_blank") else docs)
     except OSError as e:  # unreadable (permissions, /proc files, I/O errors)
         raise UserError(f"{job.key}: cannot read {path}: {e.strerror or e}") from None
 
@@ -96,17 +97,16 @@ class ReadDocuments(PipelineStep):
     name = "bigtrain reader"
     type = "📖 - READER"
 
-    def __init__(self, job: SourceJob, tasks: int, on_decode_error: str, max_line_bytes: int) -> None:
+    def __init__(self, job: SourceJob, tasks: int, settings: dict) -> None:
         super().__init__()
         self.job, self.tasks = job, tasks
-        self.on_decode_error, self.max_line_bytes = on_decode_error, max_line_bytes
+        self.settings = {k: settings[k] for k in ("max_line_bytes", "on_decode_error", "skip_blank") if k in settings}
         self.slices = task_slices([b for _, _, b in job.files], tasks)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         lo, hi = self.slices[rank]
-        settings = {"max_line_bytes": self.max_line_bytes, "on_decode_error": self.on_decode_error}
         for path, kind, _ in self.job.files[lo:hi]:
-            for i, text in enumerate(read_documents(self.job, path, kind, settings)):
+            for i, text in enumerate(read_documents(self.job, path, kind, self.settings)):
                 self.stat_update("documents")
                 yield Document(text=text, id=f"{path}#{i}")
 
@@ -254,7 +254,7 @@ class SlurmOptions:
 
 def build_pipeline(job: SourceJob, out: Path, tasks: int, tokenizer_file: Path, eos_id: int, settings: dict) -> list:
     return [
-        ReadDocuments(job, tasks, settings["on_decode_error"], settings["max_line_bytes"]),
+        ReadDocuments(job, tasks, settings),
         WriteTokens(str(out / job.split / job.name), str(tokenizer_file), eos_id, str(_summary_dir(out, job)), job.label),
     ]
 

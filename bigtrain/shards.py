@@ -76,8 +76,9 @@ class TokenStream:
             self._tokens.append(np.memmap(tok_path, dtype=self.dtype, mode="r"))
             self._ends.append(np.memmap(idx_path, dtype="<u8", mode="r"))
         self.starts = np.concatenate([[0], np.cumsum([f["tokens"] for f in files], dtype=np.int64)])
+        self.doc_starts = np.concatenate([[0], np.cumsum([f["documents"] for f in files], dtype=np.int64)])
         self.n_tokens = int(self.starts[-1])
-        self.documents = int(sum(f["documents"] for f in files))
+        self.documents = int(self.doc_starts[-1])
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the stream, across file boundaries."""
@@ -105,6 +106,14 @@ class TokenStream:
             i += 1
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
+    def document(self, i: int, limit: int) -> np.ndarray:
+        """The first `limit` tokens of document i (numbered over the stream), its EOS left out."""
+        f = int(np.searchsorted(self.doc_starts, i, side="right")) - 1
+        local, base = i - int(self.doc_starts[f]), int(self.starts[f])
+        end = int(self._ends[f][local]) - 1  # the index holds each document's end after its EOS
+        start = int(self._ends[f][local - 1]) if local else 0
+        return self.read(base + start, min(end - start, limit))
+
     def block(self, j: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
         """Block j: its tokens and its segment ids (document number within the block, from 0)."""
         start = j * seq_len
@@ -124,14 +133,14 @@ def _check_size(path: Path, expected: int, what: str) -> None:
 
 
 class ShardBlocks:
-    """seq_len blocks of several sources behind one flat index: source s owns ids base[s] ..
-    base[s+1]-1. `take(ids)` returns the arrays a task turns into a batch."""
+    """The samples of several sources behind one flat index: source s owns ids base[s] ..
+    base[s+1]-1. A sample is a seq_len block of the joined documents (data.mode=packed), or one
+    document, truncated to seq_len and padded (data.mode=line_by_line: the documents are lines).
+    `take(ids)` returns the arrays a task turns into a batch."""
 
-    mode = "packed"
-
-    def __init__(self, streams: list[TokenStream], seq_len: int) -> None:
-        self.streams, self.seq_len = streams, seq_len
-        self.blocks = [s.n_tokens // seq_len for s in streams]
+    def __init__(self, streams: list[TokenStream], seq_len: int, lines: bool = False) -> None:
+        self.streams, self.seq_len, self.lines = streams, seq_len, lines
+        self.blocks = [s.documents if lines else s.n_tokens // seq_len for s in streams]
         self.base = np.concatenate([[0], np.cumsum(self.blocks, dtype=np.int64)])
 
     def __len__(self) -> int:
@@ -139,12 +148,17 @@ class ShardBlocks:
 
     def take(self, indices) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, np.int64)
-        ids = np.empty((len(indices), self.seq_len), np.int64)
-        segments = np.empty((len(indices), self.seq_len), np.int64)
+        ids = np.zeros((len(indices), self.seq_len), np.int64)
+        extra = np.empty(len(indices), np.int64) if self.lines else np.empty((len(indices), self.seq_len), np.int64)
         which = np.searchsorted(self.base, indices, side="right") - 1
         for row, (s, i) in enumerate(zip(which, indices)):
-            ids[row], segments[row] = self.streams[s].block(int(i - self.base[s]), self.seq_len)
-        return {"input_ids": ids, "segment_ids": segments}
+            local = int(i - self.base[s])
+            if self.lines:
+                doc = self.streams[s].document(local, self.seq_len)
+                ids[row, : len(doc)], extra[row] = doc, len(doc)
+            else:
+                ids[row], extra[row] = self.streams[s].block(local, self.seq_len)
+        return {"input_ids": ids, "length" if self.lines else "segment_ids": extra}
 
 
 @dataclass
@@ -175,17 +189,18 @@ def open_prepared(root: Path, where: str) -> PreparedDataset:
     return PreparedDataset(root, manifest, sources, valid)
 
 
-def check_fits(ds: PreparedDataset, names: list[str], seq_len: int, where: str) -> None:
-    """Every named source exists and holds at least one block of seq_len tokens."""
+def check_fits(ds: PreparedDataset, names: list[str], seq_len: int, where: str, lines: bool = False) -> None:
+    """Every named source exists and holds at least one block of seq_len tokens (line_by_line:
+    one document, which `bigtrain data prepare` guarantees)."""
     for name in names:
         if name not in ds.sources:
             have = ", ".join(sorted(ds.sources))
             raise UserError(f"{where}: source '{name}' is not in the prepared dataset {ds.root} (it has: {have})")
         stream = ds.sources[name]
-        if stream.n_tokens < seq_len:
+        if stream.n_tokens < seq_len and not lines:
             raise UserError(
                 f"{where}: source '{name}' of {ds.root} holds {stream.n_tokens:,} tokens, fewer than one block of data.seq_len={seq_len}; "
                 "add data or lower data.seq_len"
             )
-    if ds.valid is not None and ds.valid.n_tokens < seq_len:
+    if ds.valid is not None and ds.valid.n_tokens < seq_len and not lines:
         raise UserError(f"{where}: the validation split of {ds.root} holds {ds.valid.n_tokens:,} tokens, fewer than one block of data.seq_len={seq_len}")

@@ -285,31 +285,6 @@ def prepare_labeled(cfg, log: Callable = print) -> LabeledData:
 # member documented there); the built-in tasks below implement it, and so can a user's class.
 
 
-class LineData:
-    """data.mode=line_by_line: one padded example per non-empty line (bigtrain.data's cache)."""
-
-    def __init__(self, cfg, prepared) -> None:
-        from bigtrain.data import TokenBlocks, split_indices
-
-        self.tokenizer_dir = prepared.tokenizer_dir
-        self.train = TokenBlocks(prepared.train_path)
-        self.valid = TokenBlocks(prepared.valid_path) if prepared.valid_path else self.train
-        self.train_ids, self.valid_ids = split_indices(len(self.train), cfg.data.valid_fraction, cfg.train.seed, prepared.valid_path is not None)
-        if prepared.valid_path is not None:
-            self.valid_ids = np.arange(len(self.valid))
-
-    def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
-        from bigtrain.data import BatchSchedule
-
-        return BatchSchedule(self.train_ids, global_batch, micro_batch, world_size, rank, seed)
-
-    def describe(self) -> str:
-        return f"{len(self.train_ids)} training examples (one per line)"
-
-    def progress(self, position: int) -> dict:  # noqa: ARG002 - one source
-        return {}
-
-
 class LMTask:
     """clm and mlm: packed token blocks (bigtrain.data), evaluated by loss over validation blocks."""
 
@@ -332,27 +307,19 @@ class LMTask:
         enough) before the group exists, so bad data ends the job before any collective; the
         other ranks learn where it is after joining."""
         if (rank == 0) != joined:
-            if self.cfg.data.mode == "line_by_line":
-                from bigtrain.data import prepare
+            from bigtrain.corpus import ensure_prepared
 
-                self.prepared = prepare(self.cfg, log=log if rank == 0 else (lambda *a: None))
-            else:
-                from bigtrain.corpus import ensure_prepared
-
-                self.prepared = ensure_prepared(self.cfg, log=log if rank == 0 else (lambda *a: None))
+            self.prepared = ensure_prepared(self.cfg, log=log if rank == 0 else (lambda *a: None))
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.prepared.tokenizer_dir if self.cfg.data.mode == "line_by_line" else self.data.tokenizer_dir
+        return self.data.tokenizer_dir
 
     def open(self) -> None:
         """Open the prepared data (after `prepare`, before the tokenizer is loaded)."""
-        if self.cfg.data.mode == "line_by_line":
-            self.data = LineData(self.cfg, self.prepared)
-        else:
-            from bigtrain.corpus import ShardData
+        from bigtrain.corpus import ShardData
 
-            self.data = ShardData(self.cfg, self.prepared)
+        self.data = ShardData(self.cfg, self.prepared)
 
     def load(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -452,17 +419,18 @@ class LabeledTask:
             self.prepared = prepare_labeled(self.cfg, log=log if rank == 0 else (lambda *a: None))
 
     def load(self, tokenizer) -> None:
-        from bigtrain.data import split_indices
+        from bigtrain.mixture import held_out
 
         cfg, p = self.cfg, self.prepared
         self.label_names = p.names
         label2id = {n: i for i, n in enumerate(p.names)}
         self.train_set = tokenize_examples(cfg.task, p.train, tokenizer, label2id, cfg.data.seq_len)
-        self.train_indices, self.valid_indices = split_indices(len(self.train_set), cfg.data.valid_fraction, cfg.train.seed, bool(p.valid))
         self.valid_set = self.train_set
         if p.valid:
             self.valid_set = tokenize_examples(cfg.task, p.valid, tokenizer, label2id, cfg.data.seq_len)
             self.valid_indices = np.arange(len(self.valid_set))
+        else:  # the schedule holds out the same rows
+            self.valid_indices = held_out(len(self.train_set), cfg.data.valid_fraction, cfg.train.seed)
 
     def configure(self, hf_config) -> None:
         hf_config.num_labels = len(self.label_names)
@@ -473,7 +441,8 @@ class LabeledTask:
             self.train_set.token_type_ids = self.valid_set.token_type_ids = None
 
     def describe(self) -> str:
-        return f"{len(self.train_indices)} training examples, {len(self.label_names)} labels"
+        n_train = len(self.train_set) - (0 if self.prepared.valid else len(self.valid_indices))
+        return f"{n_train} training examples, {len(self.label_names)} labels"
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -483,9 +452,10 @@ class LabeledTask:
         pass  # read whole by `prepare`
 
     def schedule(self, global_batch: int, micro_batch: int, world_size: int, rank: int, seed: int):
-        from bigtrain.data import BatchSchedule
+        from bigtrain.mixture import MixtureSchedule
 
-        return BatchSchedule(self.train_indices, global_batch, micro_batch, world_size, rank, seed)
+        return MixtureSchedule.single(len(self.train_set), global_batch, micro_batch, world_size, rank, seed,
+                                      self.cfg.data.valid_fraction, valid_separate=bool(self.prepared.valid))
 
     def progress(self, position: int) -> dict:  # noqa: ARG002 - one source
         return {}

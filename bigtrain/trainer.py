@@ -47,6 +47,7 @@ from bigtrain.export import adapt_universal
 from bigtrain.moe import RouterMonitor, active_parameters, experts_per_token, num_experts
 from bigtrain.loss import ChunkedLMLoss, wanted as chunked_loss_wanted
 from bigtrain.metrics import RunLog, StepMeter, plot_loss_curve, setup_logging
+from bigtrain.mixture import DATA_ORDER
 from bigtrain.models import build_model, choose_attention, count_parameters, count_parameters_meta, model_config
 from bigtrain.parallel import SequenceShard, check_model, describe_saved_layout, layout_of, register_sequence_parallel
 from bigtrain.profiling import StepProfiler
@@ -336,6 +337,7 @@ class Trainer:
         ckpt = self.checkpointer.resume_from
         state = self.checkpointer.load(self.engine, self.load_universal, trust)
         self.run_state.restore(state)
+        self._check_data_order(ckpt, state)
         if state.get("global_batch") != self.global_batch:
             raise UserError(
                 f"--resume: checkpoint {ckpt} was trained with global batch {state.get('global_batch')}, "
@@ -346,6 +348,19 @@ class Trainer:
             if key in saved:
                 cb.load_state_dict(saved[key])
         self.logger.info(f"resumed from {ckpt} at step {self.step} ({self.samples_seen} samples seen)")
+
+    def _check_data_order(self, ckpt: Path, state: dict) -> None:
+        """A checkpoint's data position counts samples of the schedule that wrote it. Before
+        "data_order" was saved, packed clm/mlm data already used today's schedule; line_by_line,
+        labeled, chat and user tasks used another order, in which the position means nothing now."""
+        packed_lm = self.cfg.task in ("clm", "mlm") and self.cfg.data.mode == "packed"
+        order = state.get("data_order", DATA_ORDER if packed_lm else "batch-v1")
+        if order != DATA_ORDER:
+            raise UserError(
+                f"--resume: checkpoint {ckpt} counts its data position in an older sample order ({order}) than this "
+                f"bigtrain's ({DATA_ORDER}): resuming would train on other samples. Finish that run with the bigtrain "
+                "that wrote it, or start a new run from its weights (bigtrain export, then model.from_pretrained)"
+            )
 
     # The loop's position lives in the TrainState; these read and advance it.
     @property
@@ -584,6 +599,7 @@ class Trainer:
             "task": self.task.model_task if is_reference(self.cfg.task) else self.cfg.task,
             "tokens_seen": self.samples_seen * self.cfg.data.seq_len,
             "global_batch": self.global_batch,
+            "data_order": DATA_ORDER,
             "world_size": self.env.world_size,
             "tensor_parallel": self.layout.tp,
             "expert_parallel": self.cfg.deepspeed.expert_parallel,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigtrain.api import IGNORE, BaseTask, BatchSchedule, Evaluation
+from bigtrain.api import IGNORE, BaseTask, Evaluation, MixtureSchedule
 
 VALID_OFFSET = 1 << 30  # validation examples come from indices no training example uses
 
@@ -57,7 +57,7 @@ class ReverseTask(BaseTask):
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<bos>", "<eos>", "=", *"0123456789")}
 
     def schedule(self, global_batch, micro_batch, world_size, rank, seed):
-        return BatchSchedule(np.arange(self.options.train_examples), global_batch, micro_batch, world_size, rank, seed)
+        return MixtureSchedule.single(self.options.train_examples, global_batch, micro_batch, world_size, rank, seed)
 
     def describe(self) -> str:
         return f"reverse {self.options.digits} digits ({self.options.train_examples} training examples)"

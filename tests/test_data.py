@@ -1,4 +1,4 @@
-"""Data pipeline: packing, document ids, line-by-line examples, caching, and the batch schedule."""
+"""Data pipeline: packing, document ids, line-by-line examples, input formats."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from bigtrain.config import load_config
-from bigtrain.data import BatchSchedule, TokenBlocks, prepare, to_model_batch
+from bigtrain.data import to_model_batch
 from reference_packing import pack
 
 
@@ -32,53 +32,36 @@ def test_pack_matches_classic_group_texts_and_tracks_documents():
             assert row_segs[j] - row_segs[j - 1] == (1 if row_ids[j - 1] == 0 else 0)
 
 
-def test_schedule_splits_global_batches_disjointly_across_ranks():
-    indices = np.arange(100)
-    world, micro, accum = 2, 3, 2
-    global_batch = world * micro * accum
-    scheds = [BatchSchedule(indices, global_batch, micro, world, r, seed=7) for r in range(world)]
-    seen = []
-    for step in range(8):  # crosses an epoch boundary (8 batches per epoch)
-        pos = step * global_batch
-        parts = [np.concatenate(s.micro_batches(pos)) for s in scheds]
-        union = np.concatenate(parts)
-        assert len(set(union.tolist())) == global_batch  # no sample twice in one step
-        seen.append(union)
-    epoch0 = np.concatenate(seen[:8])
-    assert len(set(epoch0.tolist())) == 96  # one epoch: every sample at most once
-    # The same seed gives the same order; another seed another one.
-    again = BatchSchedule(indices, global_batch, micro, world, 0, seed=7).micro_batches(5 * global_batch)
-    assert all((a == b).all() for a, b in zip(again, scheds[0].micro_batches(5 * global_batch)))
-    other = BatchSchedule(indices, global_batch, micro, world, 0, seed=8).micro_batches(0)
-    assert not all((a == b).all() for a, b in zip(other, scheds[0].micro_batches(0)))
+def test_line_by_line_pads_masks_and_reads_the_prepared_shards(tmp_path, cache_dir):
+    """data.mode=line_by_line reads the same prepared shards as packed data, one example per
+    non-empty line: each example is the line's own tokens (the tokenizer's, no EOS), truncated to
+    seq_len, padded, and padding is neither attended to nor learned."""
+    from bigtrain.corpus import ShardData, ensure_prepared
+    from bigtrain.mixture import MixtureSchedule
+    from bigtrain.tokenizer import load_tokenizer
 
-
-def test_schedule_position_is_world_size_independent():
-    """Global batch k holds the same samples at world size 1 and 2 (resume at another world size)."""
-    indices = np.arange(64)
-    one = BatchSchedule(indices, 8, 4, 1, 0, seed=3)
-    two = [BatchSchedule(indices, 8, 4, 2, r, seed=3) for r in range(2)]
-    for pos in (0, 8, 40, 72):
-        a = np.sort(np.concatenate(one.micro_batches(pos)))
-        b = np.sort(np.concatenate([np.concatenate(s.micro_batches(pos)) for s in two]))
-        assert (a == b).all()
-
-
-def test_line_by_line_pads_and_masks_loss(tmp_path, cache_dir):
     f = tmp_path / "lines.txt"
     lines = ["short line", "", "a much longer line " * 20, "   ", "third line here"] * 30
     f.write_text("\n".join(lines) + "\n")
-    cfg = load_config(None, [f"data.train_files={f}", "data.vocab_size=300", "data.seq_len=16", "data.mode=line_by_line"])
-    p = prepare(cfg, log=lambda *a: None)
-    blocks = TokenBlocks(p.train_path)
-    assert len(blocks) == 90  # blank lines dropped
-    batch = to_model_batch(blocks.take(np.arange(3)), pad_id=1)
+    cfg = load_config(None, [f"data.train_files={f}", "data.vocab_size=300", "data.seq_len=16", "data.mode=line_by_line",
+                             "data.valid_fraction=0.1", "data.sample_by=paragraph"])  # line_by_line reads lines whatever sample_by says
+    data = ShardData(cfg, ensure_prepared(cfg, log=lambda *a: None))
+    assert len(data.train) == 90  # blank and whitespace-only lines are no examples
+    tok = load_tokenizer(data.tokenizer_dir)
+    batch = to_model_batch(data.train.take(np.arange(3)), pad_id=tok.pad_token_id)
     lengths = batch["attention_mask"].sum(1).tolist()
-    assert lengths[1] == 16  # the long line is truncated to seq_len
-    assert lengths[0] < 16 and lengths[2] < 16
-    for row, n in enumerate(lengths):
-        assert (batch["labels"][row, n:] == -100).all()
-        assert (batch["labels"][row, :n] == batch["input_ids"][row, :n]).all()
+    for row, line in enumerate(["short line", "a much longer line " * 20, "third line here"]):
+        want = tok(line, add_special_tokens=False)["input_ids"][:16]
+        assert lengths[row] == len(want) and batch["input_ids"][row, : len(want)].tolist() == want
+        assert (batch["input_ids"][row, len(want):] == tok.pad_token_id).all()
+        assert (batch["labels"][row, len(want):] == -100).all()
+        assert (batch["labels"][row, : len(want)] == batch["input_ids"][row, : len(want)]).all()
+    assert lengths[1] == 16 and lengths[0] < 16  # the long line is truncated to seq_len
+    # The one schedule holds out 9 of the 90 examples and trains on the other 81, each once per epoch.
+    sched = data.schedule(9, 9, 1, 0, cfg.train.seed)
+    assert isinstance(sched, MixtureSchedule) and len(data.valid_ids) == 9
+    epoch = np.concatenate([sched.global_ids(k * 9) for k in range(9)])
+    assert sorted(epoch.tolist()) == sorted(set(range(90)) - set(data.valid_ids.tolist()))
 
 
 def test_datasets_dir_parquet_and_jsonl_sources_give_the_same_stream(tmp_path):

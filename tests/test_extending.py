@@ -96,6 +96,31 @@ def test_a_users_task_resumes_exactly(reverse_run, cli, tmp_path):
     assert sorted(resumed) == list(range(26, 51)) and all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
 
 
+def test_a_checkpoint_from_before_the_one_schedule_is_refused(reverse_run, cli, tmp_path):
+    """A checkpoint without "data_order" (written before every task used the one schedule) of a
+    task that used the old order: its data position would pick other samples, so resuming is
+    refused with one error line, and the checkpoint is left as it was."""
+    import hashlib
+    import shutil
+
+    _, out, _ = reverse_run
+    old = tmp_path / "step_00000025"
+    shutil.copytree(out / "checkpoints" / "step_00000025", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    assert state.pop("data_order") == "mixture-v1"
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    manifest = json.loads((old / "manifest.json").read_text())  # as the old bigtrain sealed it
+    data = (old / "trainer_state.json").read_bytes()
+    manifest["files"]["trainer_state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    r = cli(["train", str(REPO / "examples" / "custom_task.yaml"), f"task={TASK}", f"output_dir={tmp_path / 'again'}", *SHORT,
+             callbacks(tmp_path / "events.jsonl"), "--resume", str(old)])
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "older sample order (batch-v1)" in errors[0] and str(old) in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and (old / "trainer_state.json").read_bytes() == data
+
+
 def test_early_stopping_on_a_constructed_evaluation_sequence():
     sys.path.insert(0, str(REPO / "examples"))
     from custom_callback import EarlyStopping

@@ -460,8 +460,7 @@ def test_long_documents_are_tokenized_in_pieces_with_the_same_ids(tmp_path, monk
     for trainer, name in ((train_bpe, "bpe"), (train_wordpiece, "wp")):
         tok = load_tokenizer(trainer([text], 400, tmp_path / name))
         whole = tok([text], add_special_tokens=False)["input_ids"][0]
-        assert data_mod._encode_long(tok, text).tolist() == whole, name
-        # `bigtrain data prepare` encodes with the `tokenizers` object itself, piece by piece too.
+        # `bigtrain data prepare` encodes with the `tokenizers` object itself, piece by piece.
         from bigtrain.prepare import encode_long
 
         assert [int(i) for part in encode_long(tok.backend_tokenizer, text) for i in part] == whole, name

@@ -45,13 +45,13 @@ def prepare(out: Path, overrides: list[str], tasks: int = 1) -> Path:
 
 def classic_blocks(tok_dir: Path, files: str, seq_len: int, sample_by: str, tmp: Path):
     """The blocks bigtrain made before datatrove: `datasets` text/JSON loading, `tokenize`, `pack`."""
-    from bigtrain.data import _flat_tokens, load_documents, resolve_sources, tokenize
-    from reference_packing import pack
+    from bigtrain.data import resolve_sources
     from bigtrain.tokenizer import load_tokenizer, separator_id
+    from reference_packing import classic_documents, classic_tokens, pack
 
     tok = load_tokenizer(tok_dir)
-    docs = load_documents(resolve_sources([files], "x"), sample_by, "text", "error", tmp / "hf")
-    flat, lengths = _flat_tokens(tokenize(docs, tok, 1))
+    docs = classic_documents([s.path for s in resolve_sources([files], "x")], sample_by, "text", tmp / "hf")
+    flat, lengths = classic_tokens(docs, tok)
     return pack(flat, lengths, separator_id(tok), seq_len)
 
 

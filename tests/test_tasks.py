@@ -360,9 +360,9 @@ def test_text_pairs_on_a_llama_from_a_preset_two_ranks(cli, tmp_path):
     # The two-rank evaluation's scores, recomputed independently: the held-out rows (the seeded
     # split, train.seed 1234), the exported step-3 model's predictions on them (`bigtrain predict`,
     # one process, no DeepSpeed), accuracy and macro-F1 counted here.
-    from bigtrain.data import split_indices
+    from bigtrain.mixture import held_out
 
-    _, valid_idx = split_indices(len(rows), 0.25, 1234, False)
+    valid_idx = held_out(len(rows), 0.25, 1234)
     held = [rows[i] for i in valid_idx]
     assert len(held) == 16
     held_file = tmp_path / "held.tsv"
