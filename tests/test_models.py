@@ -33,6 +33,8 @@ LAYOUTS = {
     "tp2": ["deepspeed.zero_stage=1", "deepspeed.tensor_parallel=2", "train.micro_batch_size=4", "--nproc", "2"],
     "sp2": ["deepspeed.zero_stage=1", "deepspeed.sequence_parallel=2", "train.micro_batch_size=4", "--nproc", "2"],
 }
+# Runs compared by their curves only save once, at the end (step 2's checkpoint is for the resume).
+ONE_SAVE = ["train.save_every=4"]
 CAUSAL, ENCODERS = list(families.CAUSAL), list(families.ENCODERS)
 # Two families whose parallel layouts also run in bf16 (CPU bf16, DeepSpeed's own bf16 path).
 BF16 = ("llama3", "qwen3")
@@ -74,7 +76,8 @@ def runs(cli, corpus, zoo, tmp_path_factory) -> dict:
         base = ["train", f"task={task_of(name)}", f"model.from_pretrained={zoo / name}", f"data.train_files={corpus}", *RUN]
         for layout in ["train", "tp2", "sp2"] if name in families.CAUSAL else ["train"]:
             d = root / name / layout
-            out[name, layout] = (cli([*base, f"output_dir={d}", *LAYOUTS[layout]]), d)
+            once = [] if layout == "train" else ONE_SAVE
+            out[name, layout] = (cli([*base, f"output_dir={d}", *LAYOUTS[layout], *once]), d)
         if out[name, "train"][0].returncode == 0:
             d = root / name / "resume"
             step2 = root / name / "train" / "checkpoints" / "step_00000002"
@@ -82,7 +85,7 @@ def runs(cli, corpus, zoo, tmp_path_factory) -> dict:
         if name in BF16:  # the parallel layouts in bf16 too
             for layout in ("train", "tp2", "sp2"):
                 d = root / name / f"{layout}-bf16"
-                out[name, f"{layout}-bf16"] = (cli([*base, f"output_dir={d}", *LAYOUTS[layout], "deepspeed.precision=bf16"]), d)
+                out[name, f"{layout}-bf16"] = (cli([*base, f"output_dir={d}", *LAYOUTS[layout], *ONE_SAVE, "deepspeed.precision=bf16"]), d)
         if name == LORA_ZERO2:
             d = root / name / "lora-zero2"
             out[name, "lora-zero2"] = (cli([*base, f"output_dir={d}", "model.lora.r=4", "deepspeed.zero_stage=2",
