@@ -25,6 +25,7 @@ class Checkpointer:
         self.best: Optional[dict] = None
         self.best_report: Optional[str] = None
         self.resume_from: Optional[Path] = None
+        self.saver = None  # bigtrain.async_save.AsyncSaver with train.async_save
 
     # ------------------------------------------------------------------ resume
 
@@ -55,21 +56,50 @@ class Checkpointer:
     def save(self, engine, state: dict, hf_config, tokenizer) -> Path:
         return ckpt_io.save(engine, self.root, state, self.rank, hf_config, tokenizer, self.keep_last)
 
-    def is_best(self, record: dict, report: Optional[str]) -> bool:
+    def write_in_background(self, engine) -> None:
+        """train.async_save: saves from `start_save` on are written by a background thread."""
+        from bigtrain.async_save import AsyncSaver
+
+        self.saver = AsyncSaver(engine, self.root, self.rank, self.keep_last)
+
+    def start_save(self, state: dict, hf_config, tokenizer, note: dict) -> Path:
+        """The blocking part of a background save; `land` commits it later (bigtrain/async_save.py)."""
+        return self.saver.start(state, hf_config, tokenizer, note)
+
+    def in_flight(self) -> bool:
+        return self.saver is not None and self.saver.pending is not None
+
+    def land(self, wait: bool):
+        """The background save, committed (None: none in flight, or not written yet and not `wait`)."""
+        if not self.in_flight():
+            return None
+        return self.saver.wait() if wait else self.saver.poll()
+
+    def join_writer(self) -> None:
+        """This rank's writer is done (no collective: any exit path)."""
+        if self.saver is not None:
+            self.saver.join()
+
+    def _beats_best(self, record: dict) -> bool:
         """Is this evaluation better than the best so far? (On a tie, the lower eval loss wins.)"""
         if not self.best_metric or self.best_metric not in record:
             return False
         old = self.best["value"] if self.best else None
         tie = old is not None and record[self.best_metric] == old
         better = tasks.metric_is_better(self.best_metric, record[self.best_metric], old)
-        if not (better or (tie and record.get("eval_loss", math.inf) < self.best.get("eval_loss", math.inf))):
-            return False
-        self.best_report = report
-        return True
+        return better or (tie and record.get("eval_loss", math.inf) < self.best.get("eval_loss", math.inf))
 
-    def mark_best(self, ckpt: Path, record: dict, step: int) -> None:
+    def is_best(self, record: dict) -> bool:
+        return self._beats_best(record)
+
+    def mark_best(self, ckpt: Path, record: dict, step: int, report: Optional[str]) -> None:
+        """`ckpt` holds the best evaluation so far, unless one that committed since is better (a
+        background save commits after later evaluations were judged)."""
+        if not self._beats_best(record):
+            return
         self.best = {"tag": ckpt.name, "metric": self.best_metric, "value": record[self.best_metric], "step": step,
                      "eval_loss": record.get("eval_loss")}
+        self.best_report = report
         if self.rank == 0:
             ckpt_io.write_best(self.root, self.best)
 

@@ -167,6 +167,10 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 200
     keep_last: int = 2
+    # Write checkpoints in a background thread: the step loop stops only to copy the state to host
+    # memory (bigtrain/async_save.py). Off by default: the copy costs host memory the size of this
+    # rank's share of a checkpoint, for as long as the write takes.
+    async_save: bool = False
     # The evaluation metric that picks the best checkpoint, which is kept and exported
     # (None: eval_f1 for classify/token_classify, eval_loss otherwise; loss: lower is better).
     best_metric: Optional[str] = None

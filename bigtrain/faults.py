@@ -14,6 +14,8 @@
   enospc_in_save@S:R     rank R's write of checkpoint S fails with ENOSPC (a full disk, where no
                          small file system can be mounted for the test)
   slow_data@MS           building each global batch takes MS milliseconds longer (slow storage)
+  slow_save@S:SECONDS[:R]  the background writer of checkpoint S (train.async_save) waits SECONDS
+                         before writing (on rank R only, or every rank): slow storage
   attn_check_fail        the fused-attention self-check fails its first case (a GPU where the
                          kernel is wrong: bigtrain/kernels/selfcheck.py)
 Each fault is the narrowest stand-in for the real event: everything around it runs as it would.
@@ -56,6 +58,12 @@ def at_step_start(step: int, rank: int) -> None:
 def data_delay() -> None:
     for args in _faults().get("slow_data", []):
         time.sleep(float(args[0]) / 1000)
+
+
+def slow_save(step: int, rank: int) -> None:
+    for args in _faults().get("slow_save", []):
+        if int(args[0]) == step and (len(args) < 3 or int(args[2]) == rank):
+            time.sleep(float(args[1]))
 
 
 def nan_loss_steps(kind: str = "nan_loss") -> dict[int, tuple]:

@@ -150,6 +150,8 @@ class Trainer:
             raise
         mpu, self._unregister_sequence_parallel = register_sequence_parallel(self.model, self.attn, cfg)
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
+        if cfg.train.async_save:
+            self.checkpointer.write_in_background(self.engine)
         self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None
         self.lm_loss = self._lm_loss()
         if cfg.train.compile:  # after the chunked-loss check's forward, so that runs eager and compiles nothing
@@ -431,21 +433,23 @@ class Trainer:
     def _loop(self, loader) -> Outcome:
         t = self.cfg.train
         try:
-            while self.step < t.max_steps:
+            outcome = None
+            while self.step < t.max_steps and outcome is None:
                 micro_batches = loader.next()
                 self.runner.phase("data")
                 outcome = self.after_step(self.train_step(micro_batches))
-                if outcome is not None:
-                    return outcome
-            return Outcome("completed", last_eval=self.last_eval)
+            self._land_saves(wait=True)  # every way out the ranks agree on commits the save in flight
+            return outcome or Outcome("completed", last_eval=self.last_eval)
         except DivergedError as e:  # every rank: the fp16 loss scaler's state is the same on all
+            self._land_saves(wait=True)
             return self._diverged(str(e))
-        except CheckpointWriteError as e:  # every rank alike (checkpoint.save agrees on it)
+        except CheckpointWriteError as e:  # every rank alike (checkpoint.save and the commit agree on it)
             return self._save_failed(e)
         except RuntimeError as e:
             raise_if_rank_lost(e, self.step + 1, self.env.rank, self.env.world_size)
             raise
         finally:
+            self.checkpointer.join_writer()  # an error path: the files finish, uncommitted (.tmp-)
             if t.compile:
                 self.logger.info(f"train.compile: {compile_summary()}")
             self.watchdog.close()
@@ -485,19 +489,19 @@ class Trainer:
         if outcome is not None:
             return outcome
         if log_now:
+            self._land_saves(wait=False)
             self._log_losses(result.lr)
         else:
             self.log.advance()
         improved, evaluation = False, None
         if eval_now:
             evaluation = self.evaluate()
-            improved = self.checkpointer.is_best(evaluation.record, evaluation.report)
+            improved = self.checkpointer.is_best(evaluation.record)
             self._emit("on_eval", evaluation)
         if save_now or improved or stopping or state.save_requested:
-            ckpt = self.save()
-            if improved:
-                self.checkpointer.mark_best(ckpt, evaluation.record, step)
-            self._emit("on_save", ckpt)
+            # The last step's and a stop's checkpoint are written before the run ends: no background.
+            best = (evaluation.record, step, evaluation.report) if improved else None
+            ckpt = self.save(background=self.checkpointer.saver is not None and not (last or stopping), best=best)
             if stopping:
                 self.logger.info(f"stopping at step {step} ({self.stop.reason}): checkpoint {ckpt}; continue with --resume auto")
                 return Outcome("preempted", last_eval=self.last_eval)
@@ -612,15 +616,44 @@ class Trainer:
             "callbacks": {key: cb.state_dict() for key, cb in self._stateful_callbacks().items()},
         }
 
-    def save(self) -> Path:
-        """A checkpoint of this step; metrics.jsonl records how long the loop stood still for it
-        (`checkpoint_blocking_s`: every rank's write, seal and commit: saves are synchronous)."""
+    def save(self, background: bool = False, best: Optional[tuple] = None) -> Path:
+        """A checkpoint of this step. metrics.jsonl records how long the loop stood still for it
+        (`checkpoint_blocking_s`: a synchronous save's write, seal and commit; a background save's
+        snapshot) and how long it first waited for the save in flight (`checkpoint_wait_s`). A
+        background save is committed later (`_land_saves`); `best` = (record, step, report) marks
+        the checkpoint as the best one once it is committed."""
         import time
 
         start = time.perf_counter()
-        ckpt = self.checkpointer.save(self.engine, self.state, self.hf_config, self.tokenizer)
-        self.log.record({"step": self.step, "checkpoint": ckpt.name, "checkpoint_blocking_s": round(time.perf_counter() - start, 4)})
+        waited = self.checkpointer.in_flight()
+        self._land_saves(wait=True)  # at most one save in flight
+        t0 = time.perf_counter()
+        if background:
+            ckpt = self.checkpointer.start_save(self.state, self.hf_config, self.tokenizer, {"best": best})
+        else:
+            ckpt = self.checkpointer.save(self.engine, self.state, self.hf_config, self.tokenizer)
+        record = {"step": self.step, "checkpoint": ckpt.name, "checkpoint_blocking_s": round(time.perf_counter() - t0, 4)}
+        if waited:
+            record["checkpoint_wait_s"] = round(t0 - start, 4)
+        self.log.record({**record, "checkpoint_background": True} if background else record)
+        if not background:
+            self._saved(ckpt, best)
         return ckpt
+
+    def _land_saves(self, wait: bool) -> None:
+        """Commit the checkpoint written in the background once every rank's writer is done
+        (`wait`: wait for it). Collective: called where every rank is (log steps, saves, the end)."""
+        done = self.checkpointer.land(wait)
+        if done is None:
+            return
+        self.log.record({"step": self.step, "checkpoint": done.final.name, "checkpoint_total_s": round(done.note["total_s"], 4)})
+        self._saved(done.final, done.note.get("best"))
+
+    def _saved(self, ckpt: Path, best: Optional[tuple]) -> None:
+        """A checkpoint is committed: the best one if its evaluation is, and the on_save event."""
+        if best is not None:
+            self.checkpointer.mark_best(ckpt, *best)
+        self._emit("on_save", ckpt)
 
     def evaluate(self) -> Evaluation:
         self.engine.eval()
