@@ -232,6 +232,20 @@ pre { background: #f6f7fa; padding: 10px; overflow-x: auto; font-size: 12px; } .
 """
 
 
+def checkpoint_rows(run: Run) -> list[tuple]:
+    """Per checkpoint: name, step, size, how long training stood still for it (the save, or its
+    snapshot and any wait for the save before it), how it was written, best or not."""
+    saved = {x["checkpoint"]: x for x in run.records if "checkpoint_blocking_s" in x}
+    total = {x["checkpoint"]: x["checkpoint_total_s"] for x in run.records if "checkpoint_total_s" in x}
+    rows = []
+    for c in run.checkpoints:
+        x = saved.get(c["name"], {})
+        still = f"{x['checkpoint_blocking_s'] + x.get('checkpoint_wait_s', 0):.2f} s" if x else ""
+        written = f"in the background, {total[c['name']]:.2f} s" if c["name"] in total else ("synchronously" if x else "")
+        rows.append((c["name"], c["step"], f"{c['bytes'] / 1e6:,.1f} MB", still, written, "best" if c["best"] else ""))
+    return rows
+
+
 def render_html(run: Run) -> str:
     esc = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>bigtrain report: {esc(run.path.name)}</title>",
@@ -243,10 +257,7 @@ def render_html(run: Run) -> str:
     parts.append("<h2>Skipped steps</h2>" + (_table([(r["step"], _why(r), r.get("sample_ids", "")) for r in skips], ["step", "why", "sample ids"])
                                               if skips else "<p>none</p>"))
     if run.checkpoints:
-        blocked = {x["checkpoint"]: x["checkpoint_blocking_s"] for x in run.records if "checkpoint_blocking_s" in x}
-        parts.append("<h2>Checkpoints</h2>" + _table([(c["name"], c["step"], f"{c['bytes'] / 1e6:,.1f} MB",
-                                                        f"{blocked[c['name']]:.2f} s" if c["name"] in blocked else "", "best" if c["best"] else "")
-                                                       for c in run.checkpoints], ["checkpoint", "step", "size", "training stood still", ""]))
+        parts.append("<h2>Checkpoints</h2>" + _table(checkpoint_rows(run), ["checkpoint", "step", "size", "training stood still", "written", ""]))
     if run.eval_report:
         parts.append(f"<h2>Evaluation report (best checkpoint)</h2><pre>{esc(run.eval_report)}</pre>")
     if run.profile:

@@ -282,6 +282,25 @@ def test_bench_checkpoint_runs_every_mode_and_writes_json(cli, tmp_path):
     assert list(tmp_path.iterdir()) == [out]  # the checkpoints' directory is gone
 
 
+def test_bench_checkpoint_async_measures_blocking_and_total_side_by_side(cli, tmp_path):
+    """--async: synchronous and background saves alternate; each background save's blocking part
+    is at most its total, and the snapshot buffers hold about the checkpoint (both ranks' shares:
+    every tensor storage the two ranks' files hold, copied once)."""
+    out = tmp_path / "bench.json"
+    r = cli(["bench", "checkpoint", "--async", "--layers", "1", "--hidden", "64", "--vocab", "128", "--rounds", "1", "--warmup", "0",
+             "--dir", str(tmp_path), "--out", str(out)], timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [rec["mode"] for rec in res["records"]] == ["split", "async"]
+    background = res["records"][1]
+    assert 0 < background["blocking_s"] <= background["save_s"]
+    buffers = sum(rank["buffer_bytes"] for rank in res["snapshot"])
+    tensors = sum(size for rel, size in res["files"].items() if rel.endswith("_states.pt"))
+    assert 0.5 * tensors < buffers <= tensors, (buffers, tensors)
+    assert set(res["ratios"]) == {"blocking_async_over_sync", "total_async_over_sync"} and "training stands still" in r.stdout
+    assert list(tmp_path.iterdir()) == [out]
+
+
 def test_pruning_keeps_the_best_checkpoint(tmp_path):
     """keep_last=2 deletes older checkpoints, but never the one best.json points at."""
     from bigtrain.checkpoint import prune, write_best

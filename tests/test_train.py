@@ -163,22 +163,23 @@ def test_export_round_trip_matches_engine_logits(cli, corpus, tmp_path):
 # The default job (`bigtrain train`, no arguments) is tests/test_readme.py's first command.
 
 
-def preempt(zero2_run, cache_dir, tmp_path, sig) -> tuple:
-    """Start the zero2 run's job under `bigtrain train --nproc 2`, send `sig` to the launcher once 4
-    steps are logged; returns (output_dir, args, the step it stopped and saved at, its log)."""
+def preempt(zero2_run, cache_dir, tmp_path, sig, extra: tuple = (), fault: str = "", ready=lambda run: len(train_losses(run)) >= 4) -> tuple:
+    """Start the zero2 run's job under `bigtrain train --nproc 2` (with `extra` arguments and
+    BIGTRAIN_FAULT=`fault`), send `sig` to the launcher once `ready(output_dir)` (default: 4 steps
+    are logged); returns (output_dir, args, the step it stopped and saved at, its log)."""
     import time
 
     out, args, _ = zero2_run
     run = tmp_path / "pre"
-    args = [a if not a.startswith("output_dir=") else f"output_dir={run}" for a in args]
+    args = [*(a if not a.startswith("output_dir=") else f"output_dir={run}" for a in args), *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["BIGTRAIN_CACHE"] = str(cache_dir)
+    env.update(BIGTRAIN_CACHE=str(cache_dir), BIGTRAIN_FAULT=fault)
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:
         p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2"], env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=log)
         deadline = time.time() + 300
         while time.time() < deadline and p.poll() is None:
-            if (run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 4:
+            if (run / "metrics.jsonl").is_file() and ready(run):
                 break
             time.sleep(0.2)
         assert p.poll() is None, log_path.read_text()[-3000:]
@@ -194,16 +195,114 @@ def preempt(zero2_run, cache_dir, tmp_path, sig) -> tuple:
 
 def test_sigusr1_saves_exits_75_and_resume_auto_matches(zero2_run, cli, cache_dir, tmp_path):
     """Preemption: SIGUSR1 to `bigtrain train --nproc 2` -> every rank finishes its step, saves,
-    exits with code 75; `--resume auto` then repeats the uninterrupted run's losses exactly."""
+    exits with code 75; `--resume auto` then repeats the uninterrupted run's losses exactly.
+    With train.async_save, and the signal sent while step 15's checkpoint is still being written
+    in the background (its writer sleeps 6 s): the stop waits for that write, commits it, and
+    saves its own step (synchronously) after it. (The SIGTERM test below preempts a synchronous run.)"""
     import signal
 
-    run, args, _, _ = preempt(zero2_run, cache_dir, tmp_path, signal.SIGUSR1)
+    from bigtrain.checkpoint import check_checkpoint
+
+    def writing_15(run: Path) -> bool:
+        return any(r.get("checkpoint") == "step_00000015" and r.get("checkpoint_background") for r in metrics(run))
+
+    run, args, stopped_at, _ = preempt(zero2_run, cache_dir, tmp_path, signal.SIGUSR1, ("train.async_save=true",),
+                                       "slow_save@15:6,slow_data@100", ready=writing_15)
+    records = metrics(run)
+    stop_save = next(r for r in records if r.get("checkpoint") == f"step_{stopped_at:08d}" and "checkpoint_blocking_s" in r)
+    assert stopped_at > 15 and "checkpoint_background" not in stop_save and stop_save["checkpoint_wait_s"] > 2, stop_save
+    assert [r["checkpoint_total_s"] for r in records if "checkpoint_total_s" in r][0] >= 6
+    assert check_checkpoint(run / "checkpoints" / "step_00000015") is None
     r = cli([*args, "--nproc", "2", "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
     straight, resumed = train_losses(zero2_run[0]), train_losses(run)
     assert sorted(resumed) == list(range(1, 31))
     for step in range(1, 31):
         assert resumed[step] == straight[step], (step, resumed[step], straight[step])
+
+
+@pytest.fixture(scope="module")
+def async_run(zero2_run, cli, tmp_path_factory):
+    """zero2_run's job with train.async_save=true: step 15's checkpoint is written in the
+    background, its writer first sleeping 3 s (slow storage); step 30's, the last, is not."""
+    _, args, _ = zero2_run
+    out = tmp_path_factory.mktemp("async") / "run"
+    args = [a if not a.startswith("output_dir=") else f"output_dir={out}" for a in args]
+    r = cli([*args, "train.async_save=true", "--nproc", "2"], env_extra={"BIGTRAIN_FAULT": "slow_save@15:3"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def same_checkpoint_files(a: Path, b: Path) -> None:
+    """Every file of checkpoint a equals b's: DeepSpeed's .pt archives entry by entry (torch gives
+    each save a serialization id of its own), the RNG files' torch generator state (numpy's and
+    Python's generators are not seeded, so they differ between any two runs), the rest byte by byte."""
+    import zipfile
+
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.startswith("rng_rank"):
+            assert torch.equal(torch.load(a / rel)["torch"], torch.load(b / rel)["torch"]), rel
+        elif rel.endswith(".pt"):
+            za, zb = zipfile.ZipFile(a / rel), zipfile.ZipFile(b / rel)
+            assert za.namelist() == zb.namelist(), rel
+            assert all(za.read(n) == zb.read(n) for n in za.namelist() if not n.endswith("serialization_id")), rel
+        elif rel != "manifest.json":
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_a_background_save_writes_what_a_synchronous_one_does(zero2_run, async_run):
+    """The same losses, and checkpoints equal file by file (step 15 written in the background)."""
+    from bigtrain.checkpoint import check_checkpoint
+
+    assert train_losses(async_run) == train_losses(zero2_run[0])
+    for tag in ("step_00000015", "step_00000030"):
+        assert check_checkpoint(async_run / "checkpoints" / tag) is None
+        same_checkpoint_files(zero2_run[0] / "checkpoints" / tag, async_run / "checkpoints" / tag)
+
+
+def test_the_step_loop_does_not_wait_for_a_background_write(async_run):
+    """The step loop stood still for step 15's snapshot only; steps 16.. trained while its writer
+    slept 3 s, and the checkpoint was committed after them (checkpoint_total_s >= 3)."""
+    records = metrics(async_run)
+    start = next(i for i, r in enumerate(records) if r.get("checkpoint") == "step_00000015" and "checkpoint_blocking_s" in r)
+    done = next(i for i, r in enumerate(records) if r.get("checkpoint") == "step_00000015" and "checkpoint_total_s" in r)
+    assert records[start]["checkpoint_background"] and records[start]["checkpoint_blocking_s"] < 1.5, records[start]
+    assert records[done]["checkpoint_total_s"] >= 3, records[done]
+    trained_meanwhile = [r["step"] for r in records[start:done] if "loss" in r]
+    assert trained_meanwhile[:2] == [16, 17], trained_meanwhile
+    last = next(r for r in records if r.get("checkpoint") == "step_00000030")
+    assert "checkpoint_background" not in last  # the run's last checkpoint is written before it ends
+    # `bigtrain report`'s checkpoint table says how each was written and how long training stood still.
+    from bigtrain.report import checkpoint_rows, load_run
+
+    rows = {row[0]: row for row in checkpoint_rows(load_run(async_run))}
+    assert rows["step_00000015"][3] == f"{records[start]['checkpoint_blocking_s']:.2f} s"
+    assert rows["step_00000015"][4] == f"in the background, {records[done]['checkpoint_total_s']:.2f} s"
+    assert rows["step_00000030"][4] == "synchronously"
+
+
+def test_a_kill_during_a_background_write_keeps_the_last_committed_checkpoint(zero2_run, cli, tmp_path):
+    """Rank 0 is killed at step 12 while its writer of step 10's checkpoint still sleeps (rank 1's
+    is done): step 10 stays a .tmp- directory, never taken for a checkpoint; step 5 is the latest,
+    and `--resume auto` continues from it with the uninterrupted run's losses, exactly. (At another
+    world size a background save's checkpoint converts as a synchronous one does: their files are
+    the same, test_a_background_save_writes_what_a_synchronous_one_does.)"""
+    _, args, _ = zero2_run
+    out = tmp_path / "killed"
+    args = [a if not a.startswith("output_dir=") else f"output_dir={out}" for a in args] + ["train.save_every=5", "train.async_save=true"]
+    r = cli([*args, "--nproc", "2"], env_extra={"BIGTRAIN_FAULT": "slow_save@10:8:0,kill@12:0"})
+    assert r.returncode == 4, r.stderr[-3000:]
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [".tmp-step_00000010", "step_00000005"]
+    assert (root / "latest").read_text() == "step_00000005"
+    r = cli([*args, "--nproc", "2", "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {root / 'step_00000005'} at step 5" in r.stderr
+    straight, resumed = train_losses(zero2_run[0]), train_losses(out)
+    assert all(resumed[step] == straight[step] for step in range(1, 31)), (resumed, straight)
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the next save removed it
 
 
 def test_sigterm_to_the_launcher_reaches_every_rank_as_a_preemption(zero2_run, cache_dir, tmp_path):

@@ -11,6 +11,11 @@ checksums themselves is visible too:
 - noverify: save(verify=False), every rank fsyncs its share, no hashing;
 - rank0:    save(verify=True, hash_mode="rank0"), rank 0 fsyncs and hashes everything (the old way).
 
+With --async the modes are `split` and `async` (train.async_save, bigtrain/async_save.py): a
+background save is timed twice, from the barrier before it to the barrier after its snapshot
+("blocking": what the step loop waits for) and to the barrier after its commit ("total"). The host
+memory its snapshot buffers hold and the ranks' peak RSS are reported with it.
+
 The ranks are real processes started here (RANK, WORLD_SIZE, MASTER_ADDR/PORT), each building the
 same GPT-2-like model (transformers' GPT2LMHeadModel from a config, random weights) under ZeRO-2
 in fp32 and taking one optimizer step, so the Adam moments exist and the checkpoint has its full
@@ -44,6 +49,10 @@ MODES = (
     ("noverify", False, "split", "no hashing (verify=False)"),
     ("rank0", True, "rank0", "rank 0 hashes all (old)"),
 )
+ASYNC_MODES = (
+    ("split", True, "split", "synchronous save (bigtrain)"),
+    ("async", True, "async", "background write (async_save)"),
+)
 PROGRESS = "bench: "
 
 
@@ -56,8 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds of split, noverify, rank0 saves (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed saves before the rounds (default 1)")
     p.add_argument("--dir", metavar="DIR", help="where the checkpoints are written (default: a new temporary directory)")
-    p.add_argument("--out", metavar="FILE", default="bench/results/checkpoint_save.json",
-                   help="write the results as JSON (default bench/results/checkpoint_save.json)")
+    p.add_argument("--out", metavar="FILE", default=None,
+                   help="write the results as JSON (default bench/results/checkpoint_save.json, with --async checkpoint_async.json)")
+    p.add_argument("--async", dest="background", action="store_true",
+                   help="compare synchronous saves with background ones (train.async_save): blocking and total seconds")
 
 
 # --------------------------------------------------------------------------- one rank
@@ -94,7 +105,7 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")), unk_token="<unk>")
 
 
-def _timed_save(engine, root: Path, step: int, config, tokenizer, verify: bool, hash_mode: str) -> dict:
+def _timed_save(engine, root: Path, step: int, config, tokenizer, verify: bool, hash_mode: str, saver=None) -> dict:
     """One save, timed barrier to barrier; every rank's `timings` gathered (on every rank)."""
     import torch.distributed as dist
 
@@ -102,6 +113,8 @@ def _timed_save(engine, root: Path, step: int, config, tokenizer, verify: bool, 
 
     rank, world = dist.get_rank(), dist.get_world_size()
     state = {"step": step, "world_size": world, "zero_stage": 2, "precision": "fp32"}
+    if hash_mode == "async":
+        return _timed_background_save(saver, state, config, tokenizer)
     timings: dict = {}
     dist.barrier()
     t0 = time.perf_counter()
@@ -110,30 +123,53 @@ def _timed_save(engine, root: Path, step: int, config, tokenizer, verify: bool, 
     seconds = time.perf_counter() - t0
     ranks: list = [None] * world
     dist.all_gather_object(ranks, timings)
-    return {"save_s": seconds, "seal_s": max(t["seal_s"] for t in ranks), "write_s": max(t["write_s"] for t in ranks), "ranks": ranks}
+    return {"save_s": seconds, "blocking_s": seconds, "seal_s": max(t["seal_s"] for t in ranks), "write_s": max(t["write_s"] for t in ranks), "ranks": ranks}
 
 
-def _saves(engine, root: Path, config, rounds: int, warmup: int) -> tuple[list[dict], dict]:
+def _timed_background_save(saver, state: dict, config, tokenizer) -> dict:
+    """A background save: blocking = barrier to the barrier after the snapshot; total = to the commit."""
+    import resource
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    saver.start(state, config, tokenizer)
+    dist.barrier()
+    blocking = time.perf_counter() - t0
+    saver.wait()
+    dist.barrier()
+    total = time.perf_counter() - t0
+    mine = {"buffer_bytes": saver.snap.buffers.bytes, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    return {"save_s": total, "blocking_s": blocking, "seal_s": float("nan"), "write_s": float("nan"), "ranks": ranks}
+
+
+def _saves(engine, root: Path, config, rounds: int, warmup: int, background: bool) -> tuple[list[dict], dict]:
     """--warmup untimed saves, then the modes alternating for `rounds` rounds; rank 0 keeps the records."""
     import torch.distributed as dist
 
     from bigtrain import checkpoint
+    from bigtrain.async_save import AsyncSaver
 
     rank, tokenizer = dist.get_rank(), tiny_tokenizer()
-    plan = [("warmup", True, "split", None)] * warmup + [m for _ in range(rounds) for m in MODES]
+    modes = ASYNC_MODES if background else MODES
+    saver = AsyncSaver(engine, root, rank, 1 << 30) if background else None
+    plan = [("warmup", True, "split", None)] * warmup + [m for _ in range(rounds) for m in modes]
     records, sizes = [], {}
     for i, (name, verify, hash_mode, _) in enumerate(plan, start=1):
-        rec = _timed_save(engine, root, i, config, tokenizer, verify, hash_mode)
+        rec = _timed_save(engine, root, i, config, tokenizer, verify, hash_mode, saver)
         final = root / checkpoint.tag_for(i)
         if rank == 0:
-            problem = checkpoint.check_checkpoint(final) if i <= warmup + len(MODES) else None  # the first of each mode, untimed
+            problem = checkpoint.check_checkpoint(final) if i <= warmup + len(modes) else None  # the first of each mode, untimed
             if problem is not None:
                 raise RuntimeError(f"bench checkpoint: the {name} save is not valid: {problem}")
             sizes = {rel: meta["size"] for rel, meta in json.loads((final / checkpoint.MANIFEST).read_text())["files"].items()}
             if name != "warmup":
                 records.append({"mode": name, **rec})
-                print(f"{PROGRESS}save {i - warmup}/{len(plan) - warmup} {name}: {rec['save_s']:.2f} s (seal {rec['seal_s']:.2f} s)",
-                      file=sys.stderr, flush=True)
+                print(f"{PROGRESS}save {i - warmup}/{len(plan) - warmup} {name}: {rec['save_s']:.2f} s (training stood still "
+                      f"{rec['blocking_s']:.2f} s)", file=sys.stderr, flush=True)
             shutil.rmtree(final)
             os.sync()  # the deletion and any writeback done before the next save starts (untimed)
         dist.barrier()
@@ -142,7 +178,7 @@ def _saves(engine, root: Path, config, rounds: int, warmup: int) -> tuple[list[d
 
 def worker_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="bigtrain.bench.checkpoint worker")
-    for name in ("layers", "hidden", "vocab", "rounds", "warmup"):
+    for name in ("layers", "hidden", "vocab", "rounds", "warmup", "background"):
         p.add_argument(name, type=int)
     p.add_argument("root")
     p.add_argument("out")
@@ -154,7 +190,7 @@ def worker_main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     engine, config = build_engine(a.layers, a.hidden, a.vocab)
-    records, sizes = _saves(engine, Path(a.root), config, a.rounds, a.warmup)
+    records, sizes = _saves(engine, Path(a.root), config, a.rounds, a.warmup, bool(a.background))
     if dist.get_rank() == 0:
         params = sum(p.numel() for p in engine.module.parameters())
         Path(a.out).write_text(json.dumps({"records": records, "files": sizes, "params": params, "device": "cpu" if on_cpu else "cuda"}))
@@ -180,7 +216,8 @@ def _start_ranks(ns: argparse.Namespace, root: Path, out: Path, logs: Path) -> l
     from bigtrain.process import free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "bigtrain.bench.checkpoint", *map(str, (ns.layers, ns.hidden, ns.vocab, ns.rounds, ns.warmup)), str(root), str(out)]
+    args = (ns.layers, ns.hidden, ns.vocab, ns.rounds, ns.warmup, int(ns.background))
+    cmd = [sys.executable, "-m", "bigtrain.bench.checkpoint", *map(str, args), str(root), str(out)]
     procs = []
     for rank in range(ns.nproc):
         # What DeepSpeed's launcher would set on one machine (its CPU accelerator reads LOCAL_SIZE).
@@ -239,6 +276,41 @@ def summarize(records: list[dict]) -> dict:
     return {"modes": modes, "ratios": ratios, "split_shares": shares}
 
 
+def summarize_async(records: list[dict]) -> dict:
+    """Per mode: every round's total and blocking seconds and their medians; the blocking ratio;
+    the snapshot's host memory (buffers, peak RSS) per rank."""
+    modes = {}
+    for name, _, _, label in ASYNC_MODES:
+        recs = [r for r in records if r["mode"] == name]
+        modes[name] = {"label": label, "save_s": [r["save_s"] for r in recs], "blocking_s": [r["blocking_s"] for r in recs],
+                       "median_save_s": _median([r["save_s"] for r in recs]), "median_blocking_s": _median([r["blocking_s"] for r in recs])}
+    last = [r for r in records if r["mode"] == "async"][-1]["ranks"]
+    ratios = {"blocking_async_over_sync": modes["async"]["median_blocking_s"] / modes["split"]["median_blocking_s"],
+              "total_async_over_sync": modes["async"]["median_save_s"] / modes["split"]["median_save_s"]}
+    return {"modes": modes, "ratios": ratios, "snapshot": last}
+
+
+def _report_async(result: dict) -> str:
+    m, r = result["modes"], result["ratios"]
+    lines = [
+        f"bigtrain bench checkpoint --async: GPT-2-like, {result['params'] / 1e6:.1f}M parameters ({result['layers']} layers, hidden "
+        f"{result['hidden']}, vocab {result['vocab']}), ZeRO-2 fp32, {result['nproc']} ranks on {result['device']}; "
+        f"{result['checkpoint_bytes'] / 1e9:.2f} GB per checkpoint, written to {result['dir']}",
+        f"{result['rounds']} round(s) of synchronous and background saves (after {result['warmup']} untimed save(s)); medians:",
+        f"  {'mode':<30} {'stood still s':>14} {'total s':>8}   per-round stood still s",
+    ]
+    for name, _, _, label in ASYNC_MODES:
+        x = m[name]
+        lines.append(f"  {label:<30} {x['median_blocking_s']:>14.2f} {x['median_save_s']:>8.2f}   " + ", ".join(f"{v:.2f}" for v in x["blocking_s"]))
+    lines += [
+        f"  background / synchronous: training stands still {r['blocking_async_over_sync']:.3f}x as long; "
+        f"the whole save takes {r['total_async_over_sync']:.2f}x",
+        "  snapshot host memory: " + "; ".join(f"rank {i} {s['buffer_bytes'] / 1e9:.2f} GB of buffers, peak RSS {s['peak_rss_bytes'] / 1e9:.2f} GB"
+                                               for i, s in enumerate(result["snapshot"])),
+    ]
+    return "\n".join(lines)
+
+
 def _report(result: dict) -> str:
     m, r = result["modes"], result["ratios"]
     lines = [
@@ -273,7 +345,7 @@ def run(ns: argparse.Namespace) -> int:
         if free < need:
             raise UserError(f"--dir: {work.parent} has {free / 1e9:.1f} GB free, a checkpoint of this model needs about {need / 1e9:.1f} GB")
         print(f"# {ns.nproc} ranks, {ns.layers} layers, hidden {ns.hidden}, vocab {ns.vocab}: building the model and saving "
-              f"{ns.warmup} + 3 x {ns.rounds} checkpoints into {work} ...", file=sys.stderr, flush=True)
+              f"{ns.warmup} + {2 if ns.background else 3} x {ns.rounds} checkpoints into {work} ...", file=sys.stderr, flush=True)
         out = work / "result.json"
         _wait(_start_ranks(ns, work / "checkpoints", out, work), work)
         raw = json.loads(out.read_text())
@@ -282,12 +354,13 @@ def run(ns: argparse.Namespace) -> int:
     result = {
         "layers": ns.layers, "hidden": ns.hidden, "vocab": ns.vocab, "nproc": ns.nproc, "rounds": ns.rounds, "warmup": ns.warmup,
         "params": raw["params"], "device": raw["device"], "dir": str(work.parent), "checkpoint_bytes": sum(raw["files"].values()),
-        "checkpoint_files": len(raw["files"]), "files": raw["files"], **summarize(raw["records"]), "records": raw["records"],
+        "checkpoint_files": len(raw["files"]), "files": raw["files"],
+        **(summarize_async if ns.background else summarize)(raw["records"]), "records": raw["records"],
     }
-    print(_report(result))
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(result, indent=1) + "\n")
+    print((_report_async if ns.background else _report)(result))
+    out = ns.out or f"bench/results/checkpoint_{'async' if ns.background else 'save'}.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
