@@ -52,6 +52,7 @@ SHORTEN = {
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 train.max_steps=40 train.save_every=20 output_dir=runs/ws":
         "train.max_steps=4 train.save_every=2 train.eval_batches=2",
     "bigtrain train train.max_steps=100 output_dir=runs/base": STEPS,
+    "bigtrain train examples/tiny-stdlib.yaml train.async_save=true train.save_every=50 output_dir=runs/async": STEPS + " train.save_every=2",
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model": STEPS,
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model model.lora.r=8 train.lr=1e-2 output_dir=runs/sft-lora": STEPS,
     "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=1 deepspeed.tensor_parallel=2 train.max_steps=100 output_dir=runs/tp2 --nproc 2":
