@@ -60,6 +60,27 @@ def _add_train_verb(sub: argparse._SubParsersAction) -> None:
                    help="load a checkpoint even if its pickles need arbitrary classes (they can run code): only for checkpoints you trust")
 
 
+def _add_downstream_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The lm-evaluation-harness options of `eval` and `average` (bigtrain/downstream.py)."""
+    p.add_argument("--tasks", metavar="NAMES", help=f"{what}: comma-separated task names")
+    p.add_argument("--include-path", metavar="DIR", help="a directory of task YAML files (their relative data_files are read from it)")
+    p.add_argument("--limit", type=int, metavar="N", help="documents per task")
+    p.add_argument("--num-fewshot", type=int, metavar="K", help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="requests per forward pass (default 8)")
+
+
+def _downstream_request(ns: argparse.Namespace):
+    from bigtrain.downstream import Request
+
+    for flag, value, lo in (("--limit", ns.limit, 1), ("--num-fewshot", ns.num_fewshot, 0), ("--batch-size", ns.batch_size, 1)):
+        if value is not None and value < lo:
+            raise UserError(f"{flag} must be >= {lo}, got {value}")
+    tasks = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError(f"--tasks: expected comma-separated task names, got {ns.tasks!r}")
+    return Request(tasks, ns.include_path, ns.limit, ns.num_fewshot, ns.batch_size)
+
+
 def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     """The verbs that use a trained model: export, eval, predict, generate."""
     e = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
@@ -75,6 +96,17 @@ def _add_model_verbs(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("model_dir", metavar="MODEL_DIR")
     ev.add_argument("args", nargs="*", metavar="[CONFIG.yaml] [key=value]", help="a YAML config and/or dotted overrides (data.valid_files=FILE, ...)")
     ev.add_argument("--output", metavar="FILE", help="where to write the metrics JSON (default MODEL_DIR/eval_results.json)")
+    _add_downstream_args(ev, "evaluate MODEL_DIR (an exported model, a checkpoint or a run) on lm-evaluation-harness tasks instead")
+    ev.add_argument("--json", metavar="FILE", help="with --tasks: write the harness's results dictionary as JSON")
+
+    av = sub.add_parser("average", help="the mean of a run's last N checkpoints' weights, written as a Hugging Face model directory")
+    av.add_argument("run_dir", metavar="RUN_DIR")
+    av.add_argument("--last", type=int, metavar="N", help="average the last N committed checkpoints")
+    av.add_argument("--steps", metavar="S1,S2,...", help="average these checkpoints' steps instead")
+    av.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="where to write the averaged model")
+    av.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it is not empty")
+    av.add_argument("--trust-checkpoint", action="store_true", help="read checkpoints whose pickles need arbitrary classes (they can run code)")
+    _add_downstream_args(av, "then evaluate the average on lm-evaluation-harness tasks")
 
     pr = sub.add_parser("predict", help="label a file with a classify or token_classify model")
     pr.add_argument("model_dir", metavar="MODEL_DIR")
@@ -230,12 +262,38 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from bigtrain.config import load_config
     from bigtrain.process import setup_accelerator
 
+    if ns.tasks is not None:
+        if ns.args:
+            raise UserError(f"bigtrain eval --tasks takes no config or overrides, got {' '.join(ns.args)}")
+        from bigtrain.downstream import evaluate_dir
+
+        evaluate_dir(ns.model_dir, _downstream_request(ns), ns.json, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+        return 0
+    if ns.json is not None:
+        raise UserError("bigtrain eval: --json goes with --tasks (use --output for a task's own evaluation)")
+
     config, overrides = split_config_args(ns.args)
     cfg = load_config(config, overrides)
     setup_accelerator()
     from bigtrain.inference import evaluate_model
 
     evaluate_model(ns.model_dir, cfg, ns.output, log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    return 0
+
+
+def cmd_average(ns: argparse.Namespace) -> int:
+    from bigtrain.average import average
+    from bigtrain.process import setup_accelerator
+
+    req = _downstream_request(ns) if ns.tasks is not None else None
+    setup_accelerator()
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    out = average(ns.run_dir, ns.output, ns.last, ns.steps, ns.overwrite, ns.trust_checkpoint, log=log)
+    print(out)
+    if req is not None:
+        from bigtrain.downstream import evaluate_dir
+
+        evaluate_dir(str(out), req, str(Path(out) / "downstream.json"), log=log)
     return 0
 
 
@@ -372,6 +430,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
         return cmd_generate(ns)
     if ns.verb == "eval":
         return cmd_eval(ns)
+    if ns.verb == "average":
+        return cmd_average(ns)
     if ns.verb == "chat":
         from bigtrain.chat import chat_loop
         from bigtrain.process import setup_accelerator

@@ -234,11 +234,26 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    # lm-evaluation-harness tasks run on the live model at evaluations (bigtrain/downstream.py;
+    # the extra bigtrain[eval]); [] is off. include_path: a directory of task YAML files (their
+    # relative data_files are read from it); limit: documents per task; num_fewshot: None keeps
+    # each task's own; every: steps between them (None: at every evaluation).
+    tasks: list = field(default_factory=list)
+    include_path: Optional[str] = None
+    limit: Optional[int] = None
+    num_fewshot: Optional[int] = None
+    every: Optional[int] = None
+    batch_size: int = 8
+
+
+@dataclass
 class EvalConfig:
     # sft: greedy replies to up to this many validation conversations (their last assistant
     # turn), scored as eval_exact_match; 0 skips generation.
     generate_examples: int = 16
     max_new_tokens: int = 64
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 @dataclass
@@ -610,10 +625,30 @@ def validate(cfg: Config, where_of) -> None:
     _validate_data_numbers(cfg, where_of)
     _validate_train_numbers(cfg, where_of)
     _validate_deepspeed(cfg, where_of)
+    _validate_downstream(cfg, where_of)
     if cfg.model.from_pretrained:
         check_pretrained_dir(cfg.model.from_pretrained, where_of("model.from_pretrained"))
     if not str(cfg.output_dir).strip():
         raise UserError(f"{where_of('output_dir')}: 'output_dir' is empty")
+
+
+def _validate_downstream(cfg: Config, where_of) -> None:
+    """eval.downstream: task names, ranges, and a model the harness can score (a causal LM whose
+    every rank holds whole samples: no tensor or sequence parallelism)."""
+    d = cfg.eval.downstream
+    if not isinstance(d.tasks, list) or not all(isinstance(t, str) and t.strip() for t in d.tasks):
+        raise UserError(f"{where_of('eval.downstream.tasks')}: eval.downstream.tasks must be a list of task names, got {_show(d.tasks)}")
+    for key, lo in (("limit", 1), ("num_fewshot", 0), ("every", 1), ("batch_size", 1)):
+        if getattr(d, key) is not None:
+            _check_range(getattr(d, key), f"eval.downstream.{key}", where_of, lo=lo, hi=1 << 30)
+    if not d.tasks:
+        return
+    if task_kind(cfg) not in ("clm", "sft"):
+        raise UserError(f"{where_of('eval.downstream.tasks')}: eval.downstream scores a causal LM (task=clm or sft), not task={cfg.task}")
+    for key in ("tensor_parallel", "sequence_parallel"):
+        if getattr(cfg.deepspeed, key) > 1:
+            raise UserError(f"{where_of('eval.downstream.tasks')}: eval.downstream needs every rank to hold whole samples: "
+                            f"not with deepspeed.{key}={getattr(cfg.deepspeed, key)}")
 
 
 def _validate_choices(cfg: Config, where_of) -> None:

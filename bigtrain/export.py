@@ -13,8 +13,9 @@ import gc
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from bigtrain.checkpoint import check_pickles, load_weights_only, read_state, resolve_checkpoint
 from bigtrain.errors import UserError
@@ -207,17 +208,41 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"export: {out} exists and is not empty (pass --overwrite to replace it)")
-    hf = ckpt / "hf"
     from bigtrain.models import load_pretrained_config
 
-    config = load_pretrained_config(str(hf), where="export")
     state = read_state(ckpt)
     if state.get("lora") or adapter_only:
         if not state.get("lora"):
             raise UserError(f"export --adapter-only: checkpoint {ckpt} has no LoRA adapters (model.lora.r was 0)")
+        config = load_pretrained_config(str(ckpt / "hf"), where="export")
         return _export_lora(ckpt, out, config, state, max_shard_bytes, adapter_only)
+    weights = checkpoint_weights(ckpt, trust=True)
+    return write_model(weights, weights.lazy, out, max_shard_bytes)
+
+
+@dataclass
+class CheckpointWeights:
+    """A checkpoint's model weights as the Hugging Face model names them (lazily materialized)."""
+
+    ckpt: Path
+    config: Any  # the transformers config (checkpoint's hf/)
+    lazy: dict  # name -> tensor or DeepSpeed's lazy GatheredTensor (`.contiguous()`)
+    names: list  # what the export writes: every weight but tied ones
+    arch: str
+
+
+def checkpoint_weights(ckpt: Path, trust: bool, what: str = "export") -> CheckpointWeights:
+    """Read (lazily) and check a checkpoint's full weights: any ZeRO stage, tensor- or expert-parallel."""
+    from bigtrain.models import load_pretrained_config
+
+    if not trust:
+        check_pickles(ckpt, what=what)  # DeepSpeed's zero_to_fp32 unpickles freely
+    config = load_pretrained_config(str(ckpt / "hf"), where=what)
+    state = read_state(ckpt)
+    if state.get("lora"):
+        raise UserError(f"{what}: checkpoint {ckpt} holds LoRA adapters: use `bigtrain export` (it merges them) and work from that")
     lazy = lazy_state_dict(ckpt)
-    expected, tied, arch = _expected_keys(config, read_state(ckpt).get("task"))
+    expected, tied, arch = _expected_keys(config, state.get("task"))
     if state.get("expert_parallel", 1) > 1:  # AutoEP's names and layout back to the Hugging Face model's
         from bigtrain.moe import hf_state_dict
 
@@ -225,19 +250,25 @@ def export(src: str | Path, out_dir: str | Path, overwrite: bool = False, max_sh
         lazy = _shaped(hf_state_dict(lazy, shapes), shapes)
         wrong = [k for k, v in lazy.items() if k in shapes and tuple(v.shape) != shapes[k]]
         if wrong:
-            raise UserError(f"export: checkpoint {ckpt}: AutoEP's weights do not map onto the model's: {wrong[:3]}")
+            raise UserError(f"{what}: checkpoint {ckpt}: AutoEP's weights do not map onto the model's: {wrong[:3]}")
     missing = sorted(expected - set(lazy) - tied)
     unexpected = sorted(set(lazy) - expected)
     if missing or unexpected:
-        raise UserError(f"export: checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    names = [k for k in lazy if k not in tied]
+        raise UserError(f"{what}: checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return CheckpointWeights(ckpt, config, lazy, [k for k in lazy if k not in tied], arch)
+
+
+def write_model(weights: CheckpointWeights, tensors: dict, out: Path, max_shard_bytes: int) -> Path:
+    """`tensors` (weights.names, materialized one at a time) as a Hugging Face directory at `out`,
+    with the checkpoint's config and tokenizer."""
+    config = weights.config
 
     def fill(tmp: Path) -> None:
-        write_weights(lazy, names, tmp, max_shard_bytes)
-        config.architectures, config.dtype = [arch], "float32"  # what the weights are
+        write_weights(tensors, weights.names, tmp, max_shard_bytes)
+        config.architectures, config.dtype = [weights.arch], "float32"  # what the weights are
         config.save_pretrained(str(tmp))
 
-    return _write_model_dir(out, hf, fill)
+    return _write_model_dir(out, weights.ckpt / "hf", fill)
 
 
 def adapt_universal(universal: Path, ckpt: Path, saved_ep: int, ep: int) -> None:

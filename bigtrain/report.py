@@ -213,6 +213,21 @@ def charts(run: Run) -> list[str]:
         svg = _svg(title, ylabel, lines, log, marks if title == "Loss" else [])
         if svg:
             out.append(svg)
+    return out + downstream_charts(run)
+
+
+def downstream_charts(run: Run) -> list[str]:
+    """One chart per lm-evaluation-harness task (eval.downstream): each of its metrics over the steps."""
+    tasks: dict[str, list] = {}
+    for key in dict.fromkeys(k for r in run.records for k in r if k.startswith("downstream/") and k.count("/") == 2):
+        _, task, metric = key.split("/")
+        tasks.setdefault(task, []).append((metric, series(run.records, key)))
+    out = []
+    for task, lines in tasks.items():
+        perplexity = any("perplexity" in m for m, _ in lines)
+        svg = _svg(f"Downstream: {task}", "score", lines, perplexity, [])
+        if svg:
+            out.append(svg)
     return out
 
 

@@ -141,6 +141,7 @@ class Trainer:
         try:
             self._before_group(resume, overwrite, trust_checkpoint)
             self._join_group()
+            self.downstream = self._downstream()
             self._build_model()
         except BaseException:
             # Bad data or a bad model found after the output directory was locked: give it back
@@ -495,7 +496,7 @@ class Trainer:
             self.log.advance()
         improved, evaluation = False, None
         if eval_now:
-            evaluation = self.evaluate()
+            evaluation = self.evaluate(downstream=self.downstream is not None and self.downstream.due(step, last))
             improved = self.checkpointer.is_best(evaluation.record)
             self._emit("on_eval", evaluation)
         if save_now or improved or stopping or state.save_requested:
@@ -655,9 +656,23 @@ class Trainer:
             self.checkpointer.mark_best(ckpt, *best)
         self._emit("on_save", ckpt)
 
-    def evaluate(self) -> Evaluation:
+    def _downstream(self):
+        """eval.downstream: its tasks loaded and checked now, before any step (bigtrain/downstream.py)."""
+        if not self.cfg.eval.downstream.tasks:
+            return None
+        from bigtrain.downstream import InLoop
+
+        return InLoop(self.cfg, where_of(self.cfg, "eval.downstream.tasks"))
+
+    def evaluate(self, downstream: bool = False) -> Evaluation:
+        """The task's evaluation, and with `downstream` the harness's tasks on the live model (every
+        rank takes its share of the requests; under ZeRO-3 the forward gathers what it needs)."""
         self.engine.eval()
         evaluation = self.task.evaluate(self.forward, self.comm)
+        if downstream:
+            numbers = self.downstream.run(self.engine.module, self.tokenizer, self.layout.dp_rank, self.layout.dp)
+            evaluation = Evaluation({**evaluation.record, **numbers}, evaluation.line + "; " + ", ".join(
+                f"{k.removeprefix('downstream/')} {v:.4g}" for k, v in numbers.items() if k != "downstream/requests"), evaluation.report)
         self.engine.train()
         if evaluation.record:
             self.last_eval = self.run_state.last_eval = {"step": self.step, **evaluation.record}

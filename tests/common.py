@@ -51,6 +51,16 @@ def run_cli(args: list[str], cache: Path, timeout: int = 600, env_extra: dict | 
 
 
 
+def spawn(args: list[str], env: dict, log: Path):
+    """`python -m bigtrain *args` started and not waited for, its stdout and stderr into `log`: a
+    process with poll/wait/send_signal/kill/pid. Through the fork server when there is one (a
+    launcher forked there forks its ranks there too), else a new interpreter."""
+    with open(log, "w") as out, open(os.devnull) as devnull:
+        if forkserver.available():
+            return forkserver.start(["-m", "bigtrain", *args], env, tempfile.gettempdir(), devnull.fileno(), out.fileno(), out.fileno())
+        return subprocess.Popen([sys.executable, "-m", "bigtrain", *args], env=env, cwd=tempfile.gettempdir(), stdin=devnull, stdout=out, stderr=out)
+
+
 def mixture(corpus: Path, weights: tuple = (0.5, 0.3, 0.2)) -> str:
     """A data.sources override: three sources cut from the test corpus (json, email, http+logging)."""
     globs = ([f"{corpus}/json_*"], [f"{corpus}/email_*"], [f"{corpus}/http_*", f"{corpus}/logging_*"])

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from common import SMALL
+from common import SMALL, run_cli, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +25,23 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def train(out: Path, corpus, cache_dir, extra: list[str], env_extra: dict | None = None, wait: bool = True):
-    args = [sys.executable, "-m", "bigtrain", "train", f"data.train_files={corpus}", *SMALL, "train.max_steps=10", "train.save_every=5",
+def train(out: Path, corpus, cache_dir, extra: list[str], env_extra: dict | None = None, log: Path | None = None):
+    """One run, waited for; with `log`: the process, not waited for (common.spawn), its output in `log`
+    (outside the file system the test fills)."""
+    args = ["train", f"data.train_files={corpus}", *SMALL, "train.max_steps=10", "train.save_every=5",
             "train.log_every=1", "train.eval_every=100", f"output_dir={out}", *extra]
-    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if log is None:
+        return run_cli(args, cache_dir, env_extra=env_extra)
+    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # another test's leftovers
         env.pop(var, None)
-    if not wait:
-        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+    return spawn(args, env, log)
+
+
+def finished(p, log: Path) -> subprocess.CompletedProcess:
+    """A spawned run, waited for: its exit code and output (stderr and stdout together)."""
+    code = p.wait(timeout=300)
+    return subprocess.CompletedProcess([], code, "", log.read_text())
 
 
 def mount_tmpfs(where: Path, mb: int) -> bool:
@@ -74,15 +80,14 @@ def test_full_disk_mid_save_then_resume(tmp_path, corpus, cache_dir, record_prop
     out = (fs if real else tmp_path) / "run"
     try:
         if real:
-            # Step 7 waits 8 s: time to fill the disk after the step-5 checkpoint.
-            p = train(out, corpus, cache_dir, [], {"BIGTRAIN_FAULT": "hang@7:0:8"}, wait=False)
+            # Step 7 waits 4 s: time to fill the disk after the step-5 checkpoint.
+            p = train(out, corpus, cache_dir, [], {"BIGTRAIN_FAULT": "hang@7:0:4"}, log=tmp_path / "log.txt")
             deadline = time.monotonic() + 180
             while not (out / "checkpoints" / "step_00000005").is_dir():
-                assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+                assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
                 time.sleep(0.1)
             filler = fill(fs, leave=256 << 10)
-            p.wait(timeout=300)
-            r = subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr.read())
+            r = finished(p, tmp_path / "log.txt")
             check_failed_save(r, out, "rank 0: no space left on the device")
             filler.unlink()
         else:
@@ -109,14 +114,13 @@ def test_full_disk_during_a_background_write(tmp_path, corpus, cache_dir):
         pytest.skip("no tmpfs could be mounted (the fault-injected full disk is the synchronous test's)")
     out = fs / "run"
     try:
-        p = train(out, corpus, cache_dir, ["train.async_save=true", "train.save_every=4"], {"BIGTRAIN_FAULT": "hang@6:0:8"}, wait=False)
+        p = train(out, corpus, cache_dir, ["train.async_save=true", "train.save_every=4"], {"BIGTRAIN_FAULT": "hang@6:0:4"}, log=tmp_path / "log.txt")
         deadline = time.monotonic() + 180
         while not (out / "checkpoints" / "step_00000004").is_dir():
-            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() is not None else "timeout"
+            assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
             time.sleep(0.1)
         fill(fs, leave=256 << 10)
-        p.wait(timeout=300)
-        r = subprocess.CompletedProcess(p.args, p.returncode, "", p.stderr.read())
+        r = finished(p, tmp_path / "log.txt")
         check_failed_save(r, out, "rank 0: no space left on the device", failed=8, good=4, trained=9)
         started = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"step_00000008"' in line]
         assert started and started[0].get("checkpoint_background"), started  # the write had begun in the background

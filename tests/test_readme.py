@@ -52,7 +52,6 @@ SHORTEN = {
     "bigtrain train examples/tiny-stdlib.yaml --nproc 2 deepspeed.zero_stage=2 train.max_steps=40 train.save_every=20 output_dir=runs/ws":
         "train.max_steps=4 train.save_every=2 train.eval_batches=2",
     "bigtrain train train.max_steps=100 output_dir=runs/base": STEPS,
-    "bigtrain train examples/tiny-stdlib.yaml train.async_save=true train.save_every=50 output_dir=runs/async": STEPS + " train.save_every=2",
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model": STEPS,
     "bigtrain train examples/sft.yaml model.from_pretrained=runs/base/model model.lora.r=8 train.lr=1e-2 output_dir=runs/sft-lora": STEPS,
     "bigtrain train model.preset=llama-tiny deepspeed.zero_stage=1 deepspeed.tensor_parallel=2 train.max_steps=100 output_dir=runs/tp2 --nproc 2":
@@ -101,6 +100,15 @@ SKIP = {
     "bigtrain slurm submit examples/tiny-stdlib.yaml --nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00": "needs a cluster: tests/test_slurm.py",
     "bigtrain slurm render model.preset=llama-7b deepspeed.zero_stage=1 deepspeed.tensor_parallel=8 --nodes 4 --gpus-per-node 8 -o tp8.sbatch":
         "the same verb as README's render, run above",
+    "bigtrain train examples/tiny-stdlib.yaml train.async_save=true train.save_every=50 output_dir=runs/async":
+        "the tiny job above with train.async_save: tests/test_train.py's background-save tests (the same key, 2 ranks, file by file)",
+    'bigtrain train examples/tiny-stdlib.yaml "eval.downstream.tasks=[stdlib_next_line,stdlib_docstrings]" '
+    "eval.downstream.include_path=examples/downstream eval.downstream.limit=40 train.max_steps=100 output_dir=runs/downstream":
+        "the same keys and tasks on the test corpus, 2 ranks, ZeRO-3: tests/test_downstream.py",
+    "bigtrain eval runs/downstream/model --tasks stdlib_next_line,stdlib_docstrings --include-path examples/downstream --limit 40 "
+    "--json runs/downstream/harness.json": "the same verb and options on an export: tests/test_downstream.py (against lm_eval's own CLI)",
+    "bigtrain average runs/downstream --last 2 -o runs/downstream/average --tasks stdlib_next_line --include-path examples/downstream "
+    "--limit 40": "the same verb on a 2-rank ZeRO-3 run: tests/test_downstream.py (against the exports' mean)",
     "tensorboard --logdir runs/default/tensorboard": "a server",
     "wandb sync runs/default/wandb/offline-run-*": "uploads to a server",
     "mlflow ui --backend-store-uri runs/default/mlruns": "a server",

@@ -5,46 +5,40 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
 
 from bigtrain.errors import UserError
 from bigtrain.runlock import OWNER_NAME, RunLock
-from common import SMALL
+from common import SMALL, run_cli, spawn
 
 
 def test_a_second_run_is_refused_and_a_dead_runs_lock_taken_over(cache_dir, corpus, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "bigtrain", "train", f"data.train_files={corpus}", *SMALL, "train.max_steps=100000",
-            "train.save_every=5", "train.log_every=1", f"output_dir={out}"]
-    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1")
+    args = ["train", f"data.train_files={corpus}", *SMALL, "train.max_steps=100000", "train.save_every=5", "train.log_every=1", f"output_dir={out}"]
+    env = dict(os.environ, BIGTRAIN_CACHE=str(cache_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # another test's leftovers
         env.pop(var, None)
-    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    first = spawn(args, env, tmp_path / "first.log")
     try:
         deadline = time.monotonic() + 180
         while not (out / "checkpoints" / "step_00000005").is_dir():
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() is not None else "timeout"
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.2)
         before = (out / "metrics.jsonl").stat().st_size
-        second = subprocess.run([*args, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+        second = run_cli([*args, "--resume", "auto"], cache_dir)
         assert second.returncode == 2, second.stderr[-2000:]
         lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
         assert lines[-1].startswith(f"error: output_dir {out} is in use by another run (pid {first.pid} on host {socket.gethostname()}")
         assert "Traceback" not in second.stderr
         assert first.poll() is None and (out / "metrics.jsonl").stat().st_size >= before  # the first run goes on
     finally:
-        first.send_signal(signal.SIGKILL)
+        first.kill()
         first.wait()
     # The first run died without releasing: the next one takes the lock over and resumes.
-    third = subprocess.run([*args[:-4], "train.max_steps=8", "train.save_every=5", "train.log_every=1", f"output_dir={out}", "--resume", "auto"],
-                           env=env, capture_output=True, text=True, timeout=300, cwd=tempfile.gettempdir())
+    third = run_cli([*args[:-4], "train.max_steps=8", "train.save_every=5", "train.log_every=1", f"output_dir={out}", "--resume", "auto"], cache_dir)
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"taking over the lock of output_dir {out} from a run that is gone (pid {first.pid} on host" in third.stderr
     assert not (out / OWNER_NAME).exists()  # released at the orderly end

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import REPO, SMALL, mixture
+from common import REPO, SMALL, mixture, spawn
 
 pytestmark = pytest.mark.slow
 
@@ -175,16 +175,15 @@ def preempt(zero2_run, cache_dir, tmp_path, sig, extra: tuple = (), fault: str =
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(BIGTRAIN_CACHE=str(cache_dir), BIGTRAIN_FAULT=fault)
     log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2"], env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=log)
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None:
-            if (run / "metrics.jsonl").is_file() and ready(run):
-                break
-            time.sleep(0.2)
-        assert p.poll() is None, log_path.read_text()[-3000:]
-        p.send_signal(sig)
-        assert p.wait(timeout=300) == 75, log_path.read_text()[-3000:]
+    p = spawn([*args, "--nproc", "2"], env, log_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").is_file() and ready(run):
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, log_path.read_text()[-3000:]
+    p.send_signal(sig)
+    assert p.wait(timeout=300) == 75, log_path.read_text()[-3000:]
     saved = sorted(int(d.name.split("_")[1]) for d in (run / "checkpoints").iterdir() if d.name.startswith("step_"))
     stopped_at = saved[-1]
     assert 4 <= stopped_at < 30
@@ -334,18 +333,16 @@ def test_ranks_still_running_after_the_stop_grace_are_killed_and_named(zero2_run
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(BIGTRAIN_CACHE=str(cache_dir), BIGTRAIN_FAULT="hang@3:1:600")
     log_path = tmp_path / "log.txt"
-    with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, "-m", "bigtrain", *args, "--nproc", "2", "--stop-grace", "5"], env=env,
-                             cwd=tempfile.gettempdir(), stdout=log, stderr=log)
-        deadline = time.time() + 300
-        while time.time() < deadline and p.poll() is None and not ((run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 2):
-            time.sleep(0.2)
-        time.sleep(1)  # rank 1 is now in its sleep at step 3
-        assert p.poll() is None, log_path.read_text()[-3000:]
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGTERM)
-        code = p.wait(timeout=120)
-        elapsed = time.monotonic() - t0
+    p = spawn([*args, "--nproc", "2", "--stop-grace", "5"], env, log_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not ((run / "metrics.jsonl").is_file() and len(train_losses(run)) >= 2):
+        time.sleep(0.2)
+    time.sleep(1)  # rank 1 is now in its sleep at step 3
+    assert p.poll() is None, log_path.read_text()[-3000:]
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    code = p.wait(timeout=120)
+    elapsed = time.monotonic() - t0
     text = log_path.read_text()
     killed = dict(re.findall(r"bigtrain: rank (\d) \(pid (\d+)\) still running 5s after the stop signal: killing it", text))
     assert "1" in killed, text[-3000:]
