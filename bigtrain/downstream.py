@@ -79,8 +79,8 @@ def task_manager(req: Request, where: str):
 
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm-eval").setLevel(logging.WARNING)
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    for name in ("lm-eval", "lm_eval"):  # its notes on a model passed in memory are for its own launcher
+        logging.getLogger(name).setLevel(logging.ERROR)
     include = str(Path(req.include_path).resolve()) if req.include_path else None
     if include is not None and not Path(include).is_dir():
         raise UserError(f"{where}: include_path {req.include_path} is not a directory")

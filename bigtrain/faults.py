@@ -23,14 +23,22 @@ Each fault is the narrowest stand-in for the real event: everything around it ru
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
 
 
 def _faults() -> dict[str, list[list[str]]]:
+    """The faults of this process's BIGTRAIN_FAULT. Read at each call, not once at import: the
+    test suite's fork server imports bigtrain before a child's environment is set."""
+    return _parse(os.environ.get("BIGTRAIN_FAULT") or "")
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(spec: str) -> dict[str, list[list[str]]]:
     out: dict[str, list[list[str]]] = {}
-    for item in filter(None, (os.environ.get("BIGTRAIN_FAULT") or "").split(",")):
+    for item in filter(None, spec.split(",")):
         name, _, args = item.strip().partition("@")
         out.setdefault(name, []).append(args.split(":"))
     return out

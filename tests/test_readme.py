@@ -103,7 +103,7 @@ SKIP = {
     "bigtrain train examples/tiny-stdlib.yaml train.async_save=true train.save_every=50 output_dir=runs/async":
         "the tiny job above with train.async_save: tests/test_train.py's background-save tests (the same key, 2 ranks, file by file)",
     'bigtrain train examples/tiny-stdlib.yaml "eval.downstream.tasks=[stdlib_next_line,stdlib_docstrings]" '
-    "eval.downstream.include_path=examples/downstream eval.downstream.limit=40 train.max_steps=100 output_dir=runs/downstream":
+    "eval.downstream.include_path=examples/downstream eval.downstream.limit=40 train.max_steps=100 train.save_every=50 output_dir=runs/downstream":
         "the same keys and tasks on the test corpus, 2 ranks, ZeRO-3: tests/test_downstream.py",
     "bigtrain eval runs/downstream/model --tasks stdlib_next_line,stdlib_docstrings --include-path examples/downstream --limit 40 "
     "--json runs/downstream/harness.json": "the same verb and options on an export: tests/test_downstream.py (against lm_eval's own CLI)",

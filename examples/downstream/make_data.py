@@ -4,8 +4,7 @@
 
 - stdlib_mc.jsonl (multiple choice, task `stdlib_next_line`, up to 200 documents): a line of code from a standard-library
   module, cut at a space in its first half; the choices are its true second half and the second halves of
-  three other lines of the same module. A model that learned Python picks the true one more often
-  than 1 in 4.
+  three other lines of the same module (chance: 1 in 4).
 - stdlib_docs.jsonl (loglikelihood_rolling, task `stdlib_docstrings`): docstrings of its modules, classes and functions (200 characters or more), scored by
   perplexity per word and per byte.
 
