@@ -227,7 +227,13 @@ class InLoop:
         d = cfg.eval.downstream
         self.req, self.every, self.where = request_of(d), d.every, where
         self.manager = task_manager(self.req, where)
-        load_tasks(self.req, where, self.manager)  # a bad task, task file or missing data: one error line now
+        loaded = load_tasks(self.req, where, self.manager)  # a bad task, task file or missing data: one error line now
+        generating = [name for name, task in loaded["tasks"].items() if task.get_config("output_type") == "generate_until"]
+        if generating and cfg.deepspeed.zero_stage == 3:
+            # Generation runs as many forward passes as each rank's answers are long: under ZeRO-3
+            # the ranks' parameter gathers would not pair up.
+            raise UserError(f"{where}: task(s) {', '.join(generating)} generate text, which eval.downstream cannot run "
+                            "under ZeRO-3 (score them with `bigtrain eval MODEL_DIR --tasks` on an export)")
 
     def due(self, step: int, last: bool) -> bool:
         return last or self.every is None or step % self.every == 0
