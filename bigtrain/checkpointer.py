@@ -56,11 +56,12 @@ class Checkpointer:
     def save(self, engine, state: dict, hf_config, tokenizer) -> Path:
         return ckpt_io.save(engine, self.root, state, self.rank, hf_config, tokenizer, self.keep_last)
 
-    def write_in_background(self, engine) -> None:
-        """train.async_save: saves from `start_save` on are written by a background thread."""
-        from bigtrain.async_save import AsyncSaver
+    def write_in_background(self, engine, enabled: bool) -> None:
+        """train.async_save: `start_save` saves are written by a background thread (bigtrain/async_save.py)."""
+        if enabled:
+            from bigtrain.async_save import AsyncSaver
 
-        self.saver = AsyncSaver(engine, self.root, self.rank, self.keep_last)
+            self.saver = AsyncSaver(engine, self.root, self.rank, self.keep_last)
 
     def start_save(self, state: dict, hf_config, tokenizer, note: dict) -> Path:
         """The blocking part of a background save; `land` commits it later (bigtrain/async_save.py)."""

@@ -141,7 +141,6 @@ class Trainer:
         try:
             self._before_group(resume, overwrite, trust_checkpoint)
             self._join_group()
-            self.downstream = self._downstream()
             self._build_model()
         except BaseException:
             # Bad data or a bad model found after the output directory was locked: give it back
@@ -151,8 +150,7 @@ class Trainer:
             raise
         mpu, self._unregister_sequence_parallel = register_sequence_parallel(self.model, self.attn, cfg)
         self.engine = initialize(self.model, self.ds_config, cfg.train.weight_decay, mpu)
-        if cfg.train.async_save:
-            self.checkpointer.write_in_background(self.engine)
+        self.checkpointer.write_in_background(self.engine, cfg.train.async_save)
         self.shard = SequenceShard(self.layout, cfg.deepspeed.zero_stage) if self.layout.sp > 1 else None
         self.lm_loss = self._lm_loss()
         if cfg.train.compile:  # after the chunked-loss check's forward, so that runs eager and compiles nothing
@@ -318,6 +316,7 @@ class Trainer:
         self.task.open()
         self.tokenizer = load_tokenizer(self.task.tokenizer_dir)
         self.task.load(self.tokenizer)
+        self.downstream = self._downstream()
 
     def _build_model(self) -> None:
         import torch

@@ -111,7 +111,7 @@ def test_full_disk_during_a_background_write(tmp_path, corpus, cache_dir):
     one sentence, the partial checkpoint removed, step 4's intact."""
     fs = tmp_path / "fs"
     if not mount_tmpfs(fs, 48):
-        pytest.skip("no tmpfs could be mounted (the fault-injected full disk is the synchronous test's)")
+        pytest.skip(reason="no tmpfs could be mounted (the fault-injected full disk is the synchronous test's)")
     out = fs / "run"
     try:
         p = train(out, corpus, cache_dir, ["train.async_save=true", "train.save_every=4"], {"BIGTRAIN_FAULT": "hang@6:0:4"}, log=tmp_path / "log.txt")
