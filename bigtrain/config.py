@@ -171,6 +171,9 @@ class TrainConfig:
     # memory (bigtrain/async_save.py). Off by default: the copy costs host memory the size of this
     # rank's share of a checkpoint, for as long as the write takes.
     async_save: bool = False
+    # At the end of a run, export the final (or best) checkpoint to output_dir/model (false: keep
+    # only the checkpoints; `bigtrain export` writes the model when it is wanted).
+    export: bool = True
     # The evaluation metric that picks the best checkpoint, which is kept and exported
     # (None: eval_f1 for classify/token_classify, eval_loss otherwise; loss: lower is better).
     best_metric: Optional[str] = None

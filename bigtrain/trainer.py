@@ -718,19 +718,19 @@ class Trainer:
         if self.run_lock is not None:
             self.run_lock.release()
 
-    def _export_and_plot(self) -> Path:
+    def _export_and_plot(self) -> Optional[Path]:
         from bigtrain.export import export
 
         src, note = self.checkpointer.export_source()
         if note:
             self.logger.info(note)
-        model_dir = export(src, self.output_dir / "model", overwrite=True)
+        model_dir = export(src, self.output_dir / "model", overwrite=True) if self.cfg.train.export else None
         best = self.checkpointer
         if best.best_report:
             (self.output_dir / "eval_report.txt").write_text(best.best_report + "\n")
             self.logger.info(f"evaluation of the exported model (step {best.best['step']}):\n{best.best_report}")
         png = plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png")
-        self.logger.info(f"model: {model_dir}")
+        self.logger.info(f"model: {model_dir}" if model_dir else f"train.export=false: no model exported (bigtrain export {src} OUT_DIR writes it)")
         if png:
             self.logger.info(f"loss curve: {png}")
         return model_dir
